@@ -1,0 +1,204 @@
+"""Typed configuration, one pydantic model per concern.
+
+Every field is documented where it is declared; `storymem config --show` (and the OpenAPI schema of
+the service) print these descriptions. Values come from a YAML/JSON file (`load_config`) and from
+environment variables prefixed `STORYMEM_` for the few settings that deployments set per machine
+(credentials, endpoints, tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Where the diffusion models come from and how they sit on the device."""
+
+    t2v_path: Path | None = Field(
+        None,
+        description="Local diffusers folder of the text-to-video model used for shot 1 "
+        "(for example Wan2.2-T2V-A14B-Diffusers). None with i2v_path None: the embedded tiny models.",
+    )
+    i2v_path: Path | None = Field(
+        None,
+        description="Local diffusers folder of the image-to-video model that M2V adapts "
+        "(Wan2.2-I2V-A14B-Diffusers: 36 input channels, transformer + transformer_2).",
+    )
+    lora_high_noise: Path | None = Field(
+        None, description="M2V LoRA for the high-noise expert (backbone_high_noise.pth, or a diffusers LoRA file)."
+    )
+    lora_low_noise: Path | None = Field(
+        None,
+        description="M2V LoRA for the low-noise expert (backbone_low_noise.pth). For a single-transformer "
+        "checkpoint only this one is used.",
+    )
+    embedded_weights: Path | None = Field(
+        None,
+        description="Weights file for the embedded tiny models (a .safetensors bundle). None: the bundle "
+        "shipped in storymem/assets when present, else seeded random initialisation.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="Compute dtype on GPU. On CPU float32 is always used."
+    )
+    device: str = Field("auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:N'.")
+    offload: Literal["none", "model", "sequential"] = Field(
+        "none",
+        description="'model': keep only the running component on the GPU (the two 14B experts no longer "
+        "need to fit together); 'sequential': layer-by-layer offload, slowest, smallest footprint.",
+    )
+    boundary: float = Field(
+        0.9,
+        ge=0.0,
+        le=1.0,
+        description="Expert switch: timesteps >= boundary * 1000 use the high-noise transformer.",
+    )
+    rope_shift: int = Field(
+        5, ge=1, le=64, description="S: memory frame i of M gets temporal RoPE position -(M - i) * S."
+    )
+    compile: bool = Field(False, description="torch.compile the repeated transformer blocks (GPU only).")
+
+    @property
+    def embedded(self) -> bool:
+        return self.t2v_path is None and self.i2v_path is None
+
+
+class MemoryConfig(_Strict):
+    """Keyframe selection (method.md, 'Keyframe selection'). Bank capacity and the sink size are per
+    story and live in `storymem.script.GenerationSettings` (max_memory_size, fix)."""
+
+    max_keyframes_per_shot: int = Field(3, ge=1, le=16, description="At most this many keyframes a shot.")
+    threshold_start: float = Field(
+        0.9, gt=0.0, le=1.0, description="Initial CLIP cosine threshold between consecutive keyframes."
+    )
+    threshold_step: float = Field(
+        0.01, gt=0.0, le=0.5, description="Threshold decrement while a shot yields too many keyframes."
+    )
+    dedupe_threshold: float = Field(
+        0.9, gt=0.0, le=1.0, description="Skip a keyframe whose similarity to a memory frame is above this."
+    )
+    quality_threshold: float | None = Field(
+        None,
+        description="Aesthetic score a keyframe must reach. None: no filter (the default for random "
+        "scorer weights, whose scores mean nothing). When no frame of a shot passes, the best-scoring "
+        "frame is taken so that every shot leaves a trace in memory.",
+    )
+
+
+class ScoringConfig(_Strict):
+    """CLIP embeddings and aesthetic scores used for keyframe selection and evaluation."""
+
+    clip_model: str = Field("ViT-B-32", description="open_clip architecture name, or 'tiny' for the embedded one.")
+    clip_weights: Path | None = Field(
+        None, description="Local open_clip checkpoint for clip_model. None: 'tiny' random CLIP (seeded)."
+    )
+    aesthetic_weights: Path | None = Field(
+        None, description="Local LAION-style aesthetic MLP state dict on CLIP image embeddings."
+    )
+    batch_size: int = Field(32, ge=1, le=1024, description="Frames per CLIP forward.")
+    device: str = Field("cpu", description="Device for the scorer models.")
+
+
+class StorageConfig(_Strict):
+    """S3-compatible object storage (MinIO in production)."""
+
+    endpoint: str = Field("127.0.0.1:9000", description="host:port of the S3 API.")
+    bucket: str = Field("storymem", min_length=3, max_length=63, description="Bucket holding every story.")
+    access_key: SecretStr = Field(SecretStr(""), description="Access key; env STORYMEM_S3_ACCESS_KEY.")
+    secret_key: SecretStr = Field(SecretStr(""), description="Secret key; env STORYMEM_S3_SECRET_KEY.")
+    secure: bool = Field(False, description="Use HTTPS.")
+    region: str | None = Field(None, description="Region name, when the server needs one.")
+    retries: int = Field(6, ge=0, le=100, description="Attempts on a failing S3 call before giving up.")
+    backoff_s: float = Field(0.5, gt=0, le=60, description="First retry delay; doubles up to backoff_max_s.")
+    backoff_max_s: float = Field(8.0, gt=0, le=600, description="Longest delay between retries.")
+    presign_expiry_s: int = Field(3600, ge=60, le=7 * 24 * 3600, description="Lifetime of presigned URLs.")
+
+    @classmethod
+    def from_env(cls, **overrides) -> "StorageConfig":
+        env = os.environ
+        values: dict = {}
+        for field, var in (
+            ("endpoint", "STORYMEM_S3_ENDPOINT"),
+            ("bucket", "STORYMEM_S3_BUCKET"),
+            ("access_key", "STORYMEM_S3_ACCESS_KEY"),
+            ("secret_key", "STORYMEM_S3_SECRET_KEY"),
+            ("region", "STORYMEM_S3_REGION"),
+        ):
+            if env.get(var):
+                values[field] = env[var]
+        if env.get("STORYMEM_S3_SECURE"):
+            values["secure"] = env["STORYMEM_S3_SECURE"].lower() in ("1", "true", "yes")
+        values.update(overrides)
+        return cls(**values)
+
+
+class EngineConfig(_Strict):
+    """The Ray story engine: pools, retries, fairness."""
+
+    num_generators: int = Field(1, ge=1, le=1024, description="Shot-generator actors in the pool.")
+    gpus_per_generator: float = Field(
+        0.0, ge=0, le=8, description="GPUs each generator reserves (1 on GPU clusters, 0 on CPU)."
+    )
+    cpus_per_generator: float = Field(1.0, ge=0, le=256, description="CPUs each generator reserves.")
+    num_scorers: int = Field(1, ge=1, le=256, description="Scorer actors.")
+    max_shot_attempts: int = Field(3, ge=1, le=20, description="Attempts per shot across generators.")
+    max_queued_stories: int = Field(64, ge=1, le=100000, description="Stories waiting or running; more get 429.")
+    max_running_stories: int = Field(16, ge=1, le=10000, description="Stories whose directors run at once.")
+    namespace: str = Field("storymem", description="Ray namespace of the named actors.")
+
+
+class ServiceConfig(_Strict):
+    """The HTTP API."""
+
+    host: str = Field("127.0.0.1", description="Bind address of Serve's HTTP proxy.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    api_token: SecretStr | None = Field(
+        None, description="Bearer token required on story routes; env STORYMEM_API_TOKEN."
+    )
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
+    ingress_replicas: int = Field(1, ge=1, le=64, description="Replicas of the HTTP ingress deployment.")
+    page_size_max: int = Field(100, ge=1, le=1000, description="Largest page of GET /v1/stories.")
+
+
+class StoryMemConfig(_Strict):
+    """Everything a process needs; each section is one concern."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig.from_env)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    service: ServiceConfig = Field(default_factory=ServiceConfig)
+
+    @field_validator("service", mode="after")
+    @classmethod
+    def _token_from_env(cls, v: ServiceConfig) -> ServiceConfig:
+        if v.api_token is None and os.environ.get("STORYMEM_API_TOKEN"):
+            v.api_token = SecretStr(os.environ["STORYMEM_API_TOKEN"])
+        return v
+
+
+def load_config(path: str | os.PathLike | None = None, **section_overrides) -> StoryMemConfig:
+    """Read a YAML or JSON config file (or none: all defaults). Unknown keys are errors."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        text = p.read_text()
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"{p}: the config must be a mapping of sections")
+    data.update(section_overrides)
+    return StoryMemConfig.model_validate(data)
