@@ -1,0 +1,334 @@
+"""StoryMemPipeline: one shot of a story by T2V, M2V, MI2V, MM2V or MR2V.
+
+A diffusers `DiffusionPipeline` over Wan components: a UMT5 text encoder, the Wan VAE, the M2V
+transformer(s) (a Wan image-to-video model with the M2V LoRA; two experts for Wan2.2 A14B), an
+optional text-to-video transformer(s) for the first shot, and a UniPC flow-matching scheduler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLWan, DiffusionPipeline, UniPCMultistepScheduler, WanTransformer3DModel
+from diffusers.utils import BaseOutput
+
+from .m2v import ShotMode, build_condition, build_mask, install_memory_rope, memory_frames
+
+# Wan's usual negative prompt (English wording): what the unconditional branch steers away from.
+DEFAULT_NEGATIVE_PROMPT = (
+    "vivid colour cast, overexposed, static, blurry details, subtitles, style, artwork, painting, still image, "
+    "overall grey, worst quality, low quality, jpeg artifacts, ugly, incomplete, extra fingers, poorly drawn hands, "
+    "poorly drawn face, deformed, disfigured, malformed limbs, fused fingers, motionless frame, cluttered background, "
+    "three legs, crowded background, walking backwards"
+)
+
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass
+class StoryMemPipelineOutput(BaseOutput):
+    """frames: (F, H, W, 3) uint8 (or latents for output_type='latent'); timings in seconds per phase."""
+
+    frames: np.ndarray | torch.Tensor
+    mode: str = ""
+    timings: dict = field(default_factory=dict)
+
+
+def _clean(text: str) -> str:
+    text = html.unescape(html.unescape(text))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def to_video_tensor(frames, height: int, width: int) -> torch.Tensor:
+    """uint8 (N, H, W, 3) / list of images -> float (3, N, height, width) in [-1, 1], bicubic resize."""
+    if isinstance(frames, torch.Tensor):
+        x = frames
+    else:
+        x = torch.from_numpy(np.stack([np.asarray(f) for f in frames]) if isinstance(frames, (list, tuple)) else np.asarray(frames))
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"frames must be (N, H, W, 3) RGB, got shape {tuple(x.shape)}")
+    x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if x.shape[-2:] != (height, width):
+        x = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
+    return x.permute(1, 0, 2, 3)
+
+
+class StoryMemPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "text_encoder->t2v_transformer->t2v_transformer_2->transformer->transformer_2->vae"
+    _optional_components = ["transformer_2", "t2v_transformer", "t2v_transformer_2"]
+
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder,
+        vae: AutoencoderKLWan,
+        scheduler: UniPCMultistepScheduler,
+        transformer: WanTransformer3DModel,
+        transformer_2: WanTransformer3DModel | None = None,
+        t2v_transformer: WanTransformer3DModel | None = None,
+        t2v_transformer_2: WanTransformer3DModel | None = None,
+        boundary_ratio: float | None = 0.9,
+        rope_shift: int = 5,
+        max_sequence_length: int = 512,
+    ):
+        super().__init__()
+        self.register_modules(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            scheduler=scheduler,
+            transformer=transformer,
+            transformer_2=transformer_2,
+            t2v_transformer=t2v_transformer,
+            t2v_transformer_2=t2v_transformer_2,
+        )
+        if transformer_2 is None and t2v_transformer_2 is None:
+            boundary_ratio = None
+        self.register_to_config(boundary_ratio=boundary_ratio, rope_shift=rope_shift, max_sequence_length=max_sequence_length)
+        for t in (transformer, transformer_2):
+            if t is not None:
+                install_memory_rope(t, rope_shift)
+        self.vae_scale_factor_temporal = 2 ** sum(vae.config.temperal_downsample)
+        self.vae_scale_factor_spatial = 2 ** len(vae.config.temperal_downsample)
+
+    # ---------------------------------------------------------------- text
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str], max_sequence_length: int | None = None) -> torch.Tensor:
+        """UMT5 hidden states, zero beyond each prompt's length (as Wan was trained)."""
+        n = max_sequence_length or self.config.max_sequence_length
+        tokens = self.tokenizer(
+            [_clean(p) for p in prompts],
+            padding="max_length",
+            max_length=n,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        device = self.text_encoder.device
+        hidden = self.text_encoder(tokens.input_ids.to(device), tokens.attention_mask.to(device)).last_hidden_state
+        lengths = tokens.attention_mask.sum(dim=1)
+        keep = torch.arange(n, device=hidden.device)[None, :] < lengths.to(hidden.device)[:, None]
+        return hidden * keep[..., None].to(hidden.dtype)
+
+    # ---------------------------------------------------------------- VAE
+    def _latent_norm(self, device, dtype):
+        z = self.vae.config.z_dim
+        mean = torch.tensor(self.vae.config.latents_mean, device=device, dtype=dtype).view(1, z, 1, 1, 1)
+        inv_std = 1.0 / torch.tensor(self.vae.config.latents_std, device=device, dtype=dtype).view(1, z, 1, 1, 1)
+        return mean, inv_std
+
+    @torch.no_grad()
+    def vae_encode(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, 3, N, H, W) in [-1, 1] -> normalised latents (B, z, n, h, w), the posterior mode."""
+        vae_device = self.vae.device
+        latents = self.vae.encode(video.to(vae_device, self.vae.dtype)).latent_dist.mode().float()
+        mean, inv_std = self._latent_norm(latents.device, latents.dtype)
+        return (latents - mean) * inv_std
+
+    @torch.no_grad()
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, inv_std = self._latent_norm(latents.device, torch.float32)
+        latents = latents.float() / inv_std + mean
+        return self.vae.decode(latents.to(self.vae.device, self.vae.dtype), return_dict=False)[0].float().clamp(-1, 1)
+
+    def encode_memory(self, images: Sequence, height: int, width: int) -> torch.Tensor:
+        """Each memory image resized to the shot size and encoded alone as a one-frame video:
+        (1, z, M, h, w). A batch of one-frame videos equals encoding them one by one."""
+        video = to_video_tensor(images, height, width)  # (3, M, H, W)
+        batch = video.permute(1, 0, 2, 3).unsqueeze(2)  # (M, 3, 1, H, W)
+        latents = self.vae_encode(batch)  # (M, z, 1, h, w)
+        return latents.squeeze(2).permute(1, 0, 2, 3).unsqueeze(0)
+
+    def encode_condition_video(self, motion, num_frames: int, height: int, width: int) -> torch.Tensor:
+        """u: the VAE encoding of [motion frames, zeros...] (F frames); all zeros without motion."""
+        cond = torch.zeros(3, num_frames, height, width)
+        if motion is not None:
+            m = to_video_tensor(motion, height, width)
+            cond[:, : m.shape[1]] = m
+        return self.vae_encode(cond.unsqueeze(0))
+
+    # ---------------------------------------------------------------- call
+    def _experts(self, mode: ShotMode):
+        if mode == ShotMode.T2V and self.t2v_transformer is not None:
+            return self.t2v_transformer, self.t2v_transformer_2, False
+        return self.transformer, self.transformer_2, True
+
+    def resolve_mode(self, memory, motion_frames, mode: ShotMode | str | None) -> ShotMode:
+        n_motion = 0 if motion_frames is None else len(motion_frames)
+        if mode is None:
+            if n_motion:
+                mode = {1: ShotMode.MI2V, 5: ShotMode.MM2V}.get(n_motion)
+                if mode is None:
+                    raise ValueError(f"motion_frames: 1 (MI2V) or 5 (MM2V) frames expected, got {n_motion}")
+                return mode
+            return ShotMode.M2V if memory else ShotMode.T2V
+        mode = ShotMode(mode)
+        if n_motion != mode.motion_frames:
+            raise ValueError(f"motion_frames: mode {mode.value} needs {mode.motion_frames}, got {n_motion}")
+        if mode == ShotMode.T2V and memory:
+            raise ValueError("memory: mode t2v takes no memory")
+        if mode == ShotMode.MR2V and not memory:
+            raise ValueError("memory: mode mr2v needs reference images")
+        return mode
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        memory: Sequence | None = None,
+        motion_frames=None,
+        mode: ShotMode | str | None = None,
+        fix: int = 3,
+        height: int = 480,
+        width: int = 832,
+        num_frames: int = 81,
+        num_inference_steps: int = 40,
+        guidance_scale: float = 3.5,
+        guidance_scale_2: float | None = None,
+        shift: float = 4.0,
+        seed: int | None = 0,
+        generator: torch.Generator | None = None,
+        max_sequence_length: int | None = None,
+        step_callback: StepCallback | None = None,
+        output_type: str = "np",
+    ) -> StoryMemPipelineOutput:
+        """Make one shot.
+
+        memory: the memory bank's keyframes (uint8 images of any size; resized to the shot size).
+        motion_frames: the previous shot's last 1 (MI2V) or 5 (MM2V) frames, for cut == False.
+        mode: inferred when None (T2V without memory, M2V with memory, MI2V/MM2V with motion frames).
+        step_callback(step, total) runs after every denoising step; an exception it raises stops the
+        shot there (cancellation).
+        """
+        timings: dict[str, float] = {}
+        memory = list(memory) if memory is not None else []
+        mode = self.resolve_mode(memory, motion_frames, mode)
+        ts, ss = self.vae_scale_factor_temporal, self.vae_scale_factor_spatial
+        if (num_frames - 1) % ts:
+            raise ValueError(f"num_frames: must be {ts}n+1, got {num_frames}")
+        multiple = ss * self.transformer.config.patch_size[1]
+        if height % multiple or width % multiple:
+            raise ValueError(f"height/width: must be multiples of {multiple}, got {height}x{width}")
+        device = self._execution_device
+        high, low, conditioned = self._experts(mode)
+        boundary = self.config.boundary_ratio if low is not None else None
+        guidance_scale_2 = guidance_scale if guidance_scale_2 is None else guidance_scale_2
+        do_cfg = guidance_scale > 1.0 or (boundary is not None and guidance_scale_2 > 1.0)
+
+        t0 = time.perf_counter()
+        neg = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
+        embeds = self.encode_prompt([prompt, neg] if do_cfg else [prompt], max_sequence_length)
+        dtype = high.dtype
+        prompt_embeds = embeds[:1].to(device, dtype)
+        negative_embeds = embeds[1:].to(device, dtype) if do_cfg else None
+        timings["text"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        h, w = height // ss, width // ss
+        f = (num_frames - 1) // ts + 1
+        m = len(memory) if conditioned else 0
+        condition = None
+        if conditioned:
+            mem_latents = self.encode_memory(memory, height, width) if m else None
+            u = self.encode_condition_video(motion_frames if mode.motion_frames else None, num_frames, height, width)
+            mask = build_mask(m, num_frames, h, w, mode, fix=fix, temporal_scale=ts)
+            condition = build_condition(mem_latents, u, mask).to(device)
+        timings["encode"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if generator is None:
+            generator = torch.Generator("cpu").manual_seed(0 if seed is None else int(seed))
+        z = self.vae.config.z_dim
+        latents = torch.randn((1, z, m + f, h, w), generator=generator, dtype=torch.float32).to(device)
+        scheduler = UniPCMultistepScheduler.from_config(self.scheduler.config, flow_shift=shift)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        boundary_t = None if boundary is None else boundary * scheduler.config.num_train_timesteps
+        total = len(scheduler.timesteps)
+        with memory_frames(high, m), (memory_frames(low, m) if low is not None else contextlib.nullcontext()):
+            for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
+                use_high = boundary_t is None or t >= boundary_t
+                model = high if use_high else low
+                scale = guidance_scale if use_high else guidance_scale_2
+                x = latents if condition is None else torch.cat([latents, condition], dim=1)
+                x = x.to(model.dtype)
+                timestep = t.expand(1)
+                noise = model(hidden_states=x, timestep=timestep, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+                if do_cfg and scale != 1.0:
+                    uncond = model(
+                        hidden_states=x, timestep=timestep, encoder_hidden_states=negative_embeds, return_dict=False
+                    )[0]
+                    noise = uncond + scale * (noise - uncond)
+                latents = scheduler.step(noise.float(), t, latents, return_dict=False)[0]
+                if step_callback is not None:
+                    step_callback(i + 1, total)
+        timings["denoise"] = time.perf_counter() - t0
+
+        shot_latents = latents[:, :, m:]  # the memory part of the result is discarded
+        if output_type == "latent":
+            self.maybe_free_model_hooks()
+            return StoryMemPipelineOutput(frames=shot_latents, mode=mode.value, timings=timings)
+        t0 = time.perf_counter()
+        video = self.vae_decode(shot_latents)[0]  # (3, F, H, W)
+        timings["decode"] = time.perf_counter() - t0
+        self.maybe_free_model_hooks()
+        if output_type == "pt":
+            return StoryMemPipelineOutput(frames=video, mode=mode.value, timings=timings)
+        frames = ((video.permute(1, 2, 3, 0) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+        return StoryMemPipelineOutput(frames=frames, mode=mode.value, timings=timings)
+
+
+def build_pipeline(cfg=None):
+    """The pipeline a process uses: local weights when configured, else the embedded tiny models.
+
+    Applies the M2V LoRA to each expert, places the models on the device (or sets up offloading)
+    and returns (pipeline, profile)."""
+    from . import models
+    from .config import ModelConfig
+    from .lora import load_m2v_lora
+
+    cfg = cfg or ModelConfig()
+    device = models.resolve_device(cfg)
+    dtype = models.resolve_dtype(cfg, device)
+    if cfg.embedded:
+        components, profile = models.build_embedded(cfg)
+    else:
+        components, profile = models.load_local(cfg, dtype)
+    high, low = components["transformer"], components["transformer_2"]
+    if low is None:
+        # One transformer (Wan2.1-style or small checkpoints): the low-noise LoRA is its LoRA.
+        lora = cfg.lora_low_noise or cfg.lora_high_noise
+        if lora is not None:
+            load_m2v_lora(high, lora, fuse=True)
+    else:
+        if cfg.lora_high_noise is not None:
+            load_m2v_lora(high, cfg.lora_high_noise, fuse=True)
+        if cfg.lora_low_noise is not None:
+            load_m2v_lora(low, cfg.lora_low_noise, fuse=True)
+    pipe = StoryMemPipeline(
+        **components,
+        boundary_ratio=profile.boundary,
+        rope_shift=cfg.rope_shift,
+        max_sequence_length=profile.max_sequence_length,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if device.type == "cuda" and cfg.offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif device.type == "cuda" and cfg.offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    if cfg.compile and device.type == "cuda":
+        for t in (pipe.transformer, pipe.transformer_2, pipe.t2v_transformer, pipe.t2v_transformer_2):
+            if t is not None:
+                t.compile_repeated_blocks(fullgraph=True)
+    return pipe, profile
