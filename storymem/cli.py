@@ -1,0 +1,106 @@
+"""The `storymem` command line.
+
+Each subcommand is a pair: `_add_<name>(subparsers)` declares its arguments and a `_cmd_<name>(args)`
+returns the exit code; `COMMANDS` maps names to handlers. Exit codes: 0 success, 2 bad input.
+Heavy modules are imported inside the handlers so that `storymem validate` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+
+
+def _print_errors(errors: list[tuple[str, str]]) -> None:
+    for field, problem in errors:
+        print(f"{field}: {problem}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# validate
+
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "validate",
+        help="check a story script (flat or ST-Bench form) without generating anything",
+        description="Validate a story script and its settings; print every problem as FIELD: PROBLEM.",
+    )
+    p.add_argument("script", type=Path, help="story script JSON (optionally with a 'settings' object)")
+    p.add_argument(
+        "--settings",
+        type=Path,
+        default=None,
+        help="JSON file of generation settings; its fields override those given in the script file",
+    )
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from storymem.script import GenerationSettings, ScriptError, load_request
+
+    try:
+        request = load_request(args.script)
+        if args.settings is not None:
+            overrides = _read_settings(args.settings)
+            merged = {**request.settings.model_dump(exclude_unset=True), **overrides}
+            try:
+                GenerationSettings.model_validate(merged)
+            except ValidationError as exc:
+                raise ScriptError.from_validation_error(exc, prefix="settings") from None
+    except ScriptError as exc:
+        _print_errors(exc.errors)
+        return EXIT_BAD_INPUT
+    name = f" ({request.script.story_name})" if request.script.story_name else ""
+    print(f"ok: {request.script.num_shots} shots{name}")
+    return EXIT_OK
+
+
+def _read_settings(path: Path) -> dict:
+    from storymem.script import ScriptError
+
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise ScriptError([("--settings", f"cannot read {path} ({exc.strerror or exc})")]) from None
+    except json.JSONDecodeError as exc:
+        raise ScriptError([("--settings", f"{path}: line {exc.lineno} column {exc.colno}: {exc.msg}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ScriptError([("--settings", f"{path}: not UTF-8 text ({exc.reason})")]) from None
+    if not isinstance(data, dict):
+        raise ScriptError([("--settings", f"{path}: must hold a JSON object of settings")])
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+
+COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
+    "validate": (_add_validate, _cmd_validate),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="storymem", description="StoryMem: multi-shot long video storytelling with memory."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _, handler = COMMANDS[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The whole pipeline on the tiny embedded models: modes, memory influence, LoRA, determinism."""
+
+import numpy as np
+import pytest
+import torch
+
+from storymem.config import ModelConfig
+from storymem.lora import LoraKeyError, convert_to_diffusers, load_m2v_lora, native_lora_state_dict
+from storymem.models import TinyWanConfig, build_embedded, tiny_transformer
+from storymem.pipeline import StoryMemPipeline, build_pipeline
+
+SIZE = dict(height=32, width=48, num_frames=9, num_inference_steps=4, guidance_scale=2.0)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    # Random weights (no bundle) so the tests do not depend on a trained file.
+    p, _ = build_pipeline(ModelConfig(embedded_weights=None))
+    return p
+
+
+@pytest.fixture(scope="module")
+def shot(pipe):
+    return pipe("a small red robot walks through a forest", seed=1, **SIZE).frames
+
+
+def test_t2v_shot_shape_and_dtype(shot):
+    assert shot.shape == (9, 32, 48, 3) and shot.dtype == np.uint8
+
+
+def test_same_seed_same_shot(pipe, shot):
+    again = pipe("a small red robot walks through a forest", seed=1, **SIZE).frames
+    np.testing.assert_array_equal(shot, again)
+    other = pipe("a small red robot walks through a forest", seed=2, **SIZE).frames
+    assert np.abs(other.astype(int) - shot).mean() > 0.5
+
+
+def test_memory_changes_the_shot(pipe, shot):
+    """Random tiny weights attenuate differences (the random VAE maps most images to similar
+    latents), so the check is on latents: the same memory reproduces them bit for bit, another
+    memory or none moves them by far more than float noise."""
+    rng = np.random.default_rng(0)
+    mem_a = [shot[0], shot[-1]]
+    mem_b = [rng.integers(0, 255, (32, 48, 3), dtype=np.uint8) for _ in range(2)]
+    run = lambda **kw: pipe("the robot looks up", seed=3, output_type="latent", **SIZE, **kw)
+    a, a2, b, zero = run(memory=mem_a), run(memory=mem_a), run(memory=mem_b), run(mode="m2v")
+    assert a.mode == "m2v" and zero.mode == "m2v"
+    torch.testing.assert_close(a.frames, a2.frames, rtol=0, atol=0)
+    assert (a.frames - b.frames).abs().mean() > 1e-5
+    assert (a.frames - zero.frames).abs().mean() > 1e-2
+
+
+def test_memory_tokens_reach_shot_tokens_through_attention():
+    """At the transformer: change only the memory latent frames of the input; the shot part of
+    the prediction changes (memory reaches the shot through self-attention, not just by position)."""
+    from storymem.m2v import memory_frames
+
+    components, _ = build_embedded(ModelConfig(embedded_weights=None))
+    t = StoryMemPipeline(**components).transformer
+    m, f = 2, 3
+    x = torch.randn(1, 36, m + f, 4, 6, generator=torch.Generator().manual_seed(0))
+    y = x.clone()
+    y[:, :, :m] = torch.randn(1, 36, m, 4, 6, generator=torch.Generator().manual_seed(1))
+    ctx = torch.randn(1, 5, TinyWanConfig().text_dim)
+    with torch.no_grad(), memory_frames(t, m):
+        out_x = t(x, torch.tensor([700.0]), ctx, return_dict=False)[0][:, :, m:]
+        out_y = t(y, torch.tensor([700.0]), ctx, return_dict=False)[0][:, :, m:]
+    assert (out_x - out_y).abs().mean() > 1e-3 * out_x.abs().mean()
+
+
+def test_memory_images_of_other_sizes_are_resized(pipe):
+    mem = [np.full((100, 70, 3), 200, np.uint8)]
+    out = pipe("x", memory=mem, seed=0, **SIZE)
+    assert out.frames.shape == (9, 32, 48, 3)
+
+
+@pytest.mark.parametrize("k,mode", [(1, "mi2v"), (5, "mm2v")])
+def test_motion_frames_select_mode(pipe, shot, k, mode):
+    out = pipe("continue", memory=[shot[0]], motion_frames=shot[-k:], seed=4, **SIZE)
+    assert out.mode == mode
+
+
+def test_bad_inputs_name_the_field(pipe, shot):
+    with pytest.raises(ValueError, match="num_frames"):
+        pipe("x", **{**SIZE, "num_frames": 10})
+    with pytest.raises(ValueError, match="height/width"):
+        pipe("x", **{**SIZE, "height": 40})
+    with pytest.raises(ValueError, match="motion_frames"):
+        pipe("x", memory=[shot[0]], motion_frames=shot[-3:], **SIZE)
+
+
+def test_step_callback_can_stop_a_shot(pipe):
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def cb(step, total):
+        seen.append((step, total))
+        if step == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        pipe("x", step_callback=cb, **SIZE)
+    assert seen == [(1, 4), (2, 4)]
+
+
+def test_two_expert_switch_uses_both_models():
+    components, profile = build_embedded(ModelConfig(embedded_weights=None))
+    pipe = StoryMemPipeline(**components, boundary_ratio=0.9)
+    calls = {"high": 0, "low": 0}
+    pipe.transformer.register_forward_hook(lambda *a: calls.__setitem__("high", calls["high"] + 1))
+    pipe.transformer_2.register_forward_hook(lambda *a: calls.__setitem__("low", calls["low"] + 1))
+    pipe.set_progress_bar_config(disable=True)
+    pipe("x", **{**SIZE, "num_inference_steps": 10, "guidance_scale": 1.0})
+    assert calls["high"] > 0 and calls["low"] > 0 and calls["high"] + calls["low"] == 10
+
+
+def test_t2v_transformer_used_for_first_shot_when_present():
+    components, _ = build_embedded(ModelConfig(embedded_weights=None))
+    tiny = TinyWanConfig()
+    torch.manual_seed(0)
+    components["t2v_transformer"] = tiny_transformer(tiny, in_channels=tiny.z_dim).eval()
+    pipe = StoryMemPipeline(**components, boundary_ratio=0.9)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    pipe.t2v_transformer.register_forward_hook(lambda m, a, kw=None: seen.append(a))
+    out = pipe("x", **SIZE)
+    assert out.mode == "t2v" and seen
+
+
+# ----------------------------------------------------------------- LoRA
+
+
+def test_lora_conversion_of_reference_key_forms():
+    t = tiny_transformer(TinyWanConfig(), 36)
+    sd = native_lora_state_dict(t, rank=4)
+    conv = convert_to_diffusers(sd)
+    assert len(conv) == len(sd)
+    assert "blocks.0.attn1.to_out.0.lora_A.weight" in conv and "blocks.1.ffn.net.0.proj.lora_B.weight" in conv
+    # Adapter-named and unprefixed forms map to the same keys.
+    named = {k.replace("base_model.model.", "").replace(".weight", ".default.weight"): v for k, v in sd.items()}
+    assert convert_to_diffusers(named).keys() == conv.keys()
+
+
+def test_unmappable_lora_key_is_an_error():
+    t = tiny_transformer(TinyWanConfig(), 36)
+    sd = native_lora_state_dict(t, rank=4)
+    sd["base_model.model.blocks.0.norm3.lora_A.weight"] = torch.zeros(4, 48)
+    with pytest.raises(LoraKeyError, match="norm3"):
+        convert_to_diffusers(sd)
+    too_deep = native_lora_state_dict(tiny_transformer(TinyWanConfig(layers=3), 36), rank=4)
+    with pytest.raises(LoraKeyError, match="lacks"):
+        load_m2v_lora(tiny_transformer(TinyWanConfig(), 36), too_deep)
+
+
+def test_lora_loads_completely_and_matches_manual_merge():
+    torch.manual_seed(0)
+    tiny = TinyWanConfig()
+    base = tiny_transformer(tiny, 36).eval()
+    adapted = tiny_transformer(tiny, 36).eval()
+    adapted.load_state_dict(base.state_dict())
+    rank, alpha = 8, 8.0
+    sd = native_lora_state_dict(base, rank=rank, generator=torch.Generator().manual_seed(1))
+    report = load_m2v_lora(adapted, sd, alpha=alpha)
+    n_targets = tiny.layers * 10
+    assert report["modules"] == n_targets and report["rank"] == rank
+    # Manual merge: W += (alpha / sqrt(r)) * B @ A on every targeted linear of a third copy.
+    merged = tiny_transformer(tiny, 36).eval()
+    merged.load_state_dict(base.state_dict())
+    scale = alpha / rank**0.5
+    conv = convert_to_diffusers(sd)
+    modules = dict(merged.named_modules())
+    with torch.no_grad():
+        for key in conv:
+            if ".lora_A." in key:
+                name = key.split(".lora_A.")[0]
+                B = conv[key.replace("lora_A", "lora_B")]
+                modules[name].weight += scale * B @ conv[key]
+    x = torch.randn(1, 36, 3, 4, 4)
+    t = torch.tensor([500.0])
+    ctx = torch.randn(1, 7, tiny.text_dim)
+    with torch.no_grad():
+        y0 = base(x, t, ctx, return_dict=False)[0]
+        y1 = adapted(x, t, ctx, return_dict=False)[0]
+        y2 = merged(x, t, ctx, return_dict=False)[0]
+    assert (y1 - y0).abs().max() > 1e-3  # the LoRA changed the output
+    torch.testing.assert_close(y1, y2, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_file_round_trip(tmp_path):
+    tiny = TinyWanConfig()
+    t = tiny_transformer(tiny, 36)
+    sd = native_lora_state_dict(t, rank=4)
+    path = tmp_path / "backbone_low_noise.pth"
+    torch.save(sd, path)
+    report = load_m2v_lora(tiny_transformer(tiny, 36), path)
+    assert report["modules"] == tiny.layers * 10

@@ -1,0 +1,165 @@
+import json
+from dataclasses import asdict
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from storymem.config import ScoringConfig
+from storymem.scoring import LAION_HIDDEN, AestheticHead, Scorer, build_tiny_clip, tiny_clip_configs
+
+
+@pytest.fixture(scope="module")
+def scorer() -> Scorer:
+    return Scorer(ScoringConfig(clip_model="tiny", batch_size=3))
+
+
+def structured_images() -> np.ndarray:
+    """Images with distinct layouts (random noise all averages to the same thing)."""
+    imgs = np.zeros((4, 48, 80, 3), dtype=np.uint8)
+    imgs[0, ..., 0] = 255
+    imgs[1, ..., 1] = 255
+    imgs[2, :24] = 255
+    xx = np.arange(80)[None, :, None]
+    imgs[3] = (xx * 3 % 256).astype(np.uint8)
+    return imgs
+
+
+def test_deterministic_across_instances_and_rng_untouched(scorer):
+    imgs = structured_images()
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    other = Scorer(ScoringConfig(clip_model="tiny", batch_size=8))
+    after = torch.rand(3)
+    assert torch.equal(before, after)  # building the seeded models left the global RNG alone
+    a, b = scorer.embed_images(imgs), other.embed_images(imgs)
+    np.testing.assert_allclose(a, b, atol=1e-6)  # batch size 3 vs 8 must not matter either
+    np.testing.assert_allclose(scorer.aesthetic(a), other.aesthetic(b), atol=1e-6)
+
+
+def test_embeddings_shape_norm_and_similarity(scorer):
+    imgs = structured_images()
+    emb, aes = scorer.score_frames(imgs)
+    assert emb.shape == (4, scorer.embed_dim) == (4, 64)
+    assert emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert aes.shape == (4,) and np.all(np.isfinite(aes))
+    sim = emb @ emb.T
+    off_diag = sim[~np.eye(4, dtype=bool)]
+    assert off_diag.max() < 0.999
+    same = scorer.embed_images(np.stack([imgs[2], imgs[2]]))
+    assert float(same[0] @ same[1]) == pytest.approx(1.0, abs=1e-5)
+    assert scorer.embed_images(np.zeros((0, 8, 8, 3), np.uint8)).shape == (0, 64)
+
+
+def test_list_of_mixed_sizes_matches_array(scorer):
+    imgs = structured_images()
+    as_list = scorer.embed_images([imgs[0], imgs[1], np.ascontiguousarray(imgs[2][:, :48]), imgs[3]])
+    np.testing.assert_allclose(as_list[[0, 1, 3]], scorer.embed_images(imgs[[0, 1, 3]]), atol=1e-5)
+    assert as_list.shape == (4, 64)
+
+
+def test_preprocessing_close_to_open_clip_transform(scorer):
+    # open_clip's own PIL pipeline (shortest side, bicubic, centre crop, OpenAI mean/std).
+    rng = np.random.default_rng(0)
+    img = np.kron(rng.integers(0, 256, (12, 20, 3)), np.ones((8, 8, 1))).astype(np.uint8)  # 96 x 160
+    transform = open_clip.image_transform(64, is_train=False)
+    for im in (img, np.ascontiguousarray(img.transpose(1, 0, 2))):
+        ref = transform(Image.fromarray(im))
+        ours = scorer._preprocess(torch.from_numpy(im)[None])[0]
+        assert ours.shape == ref.shape == (3, 64, 64)
+        # PIL's and torch's bicubic kernels differ slightly; a misaligned crop would be ~0.1.
+        assert float((ours - ref).abs().mean()) < 0.01
+
+
+def test_text_embeddings(scorer):
+    t = scorer.embed_texts(["a red fox in the snow", "a city at night", "a red fox in the snow"])
+    assert t.shape == (3, 64)
+    np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1.0, atol=1e-5)
+    assert float(t[0] @ t[2]) == pytest.approx(1.0, abs=1e-5)
+    assert float(t[0] @ t[1]) < 0.999
+    with pytest.raises(ValueError, match="texts"):
+        scorer.embed_texts("one string")
+
+
+def test_bad_input_rejected(scorer):
+    with pytest.raises(ValueError, match="frames"):
+        scorer.embed_images(np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="embeddings"):
+        scorer.aesthetic(np.zeros((2, 5), np.float32))
+    with pytest.raises(ValueError, match="clip_weights"):
+        Scorer(ScoringConfig(clip_model="tiny", clip_weights="/nonexistent/w.pt"))
+
+
+def test_tiny_clip_weights_round_trip(tmp_path, scorer):
+    imgs = structured_images()
+    trained = build_tiny_clip(seed=7)
+    path = tmp_path / "tiny.pt"
+    torch.save(trained.state_dict(), path)
+    loaded = Scorer(ScoringConfig(clip_model="tiny", clip_weights=path))
+    with torch.inference_mode():
+        direct = trained.encode_image(loaded._preprocess(torch.from_numpy(imgs)), normalize=True).numpy()
+    np.testing.assert_allclose(loaded.embed_images(imgs), direct, atol=1e-6)
+    assert not np.allclose(loaded.embed_images(imgs), scorer.embed_images(imgs), atol=1e-3)
+
+
+def _set(cfg) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if v is not None}
+
+
+def test_registered_architecture_loads_local_file(tmp_path, monkeypatch):
+    # Register into copies of open_clip's registry so that the test leaves it as it was.
+    monkeypatch.setattr(open_clip.factory, "_MODEL_CONFIG_PATHS", list(open_clip.factory._MODEL_CONFIG_PATHS))
+    monkeypatch.setattr(open_clip.factory, "_MODEL_CONFIGS", dict(open_clip.factory._MODEL_CONFIGS))
+    embed_dim, vision, text = tiny_clip_configs()
+    cfg_dir = tmp_path / "configs"
+    cfg_dir.mkdir()
+    (cfg_dir / "storymem-test-tiny.json").write_text(
+        json.dumps({"embed_dim": embed_dim, "vision_cfg": _set(vision), "text_cfg": _set(text)})
+    )
+    open_clip.add_model_config(cfg_dir)
+    weights = tmp_path / "w.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in build_tiny_clip(seed=11).state_dict().items()}, str(weights))
+    named = Scorer(ScoringConfig(clip_model="storymem-test-tiny", clip_weights=weights))
+    assert not named.tiny
+    same = Scorer(ScoringConfig(clip_model="tiny", clip_weights=weights))
+    imgs = structured_images()
+    np.testing.assert_allclose(named.embed_images(imgs), same.embed_images(imgs), atol=1e-5)
+    texts = ["two friends on a boat"]
+    np.testing.assert_allclose(named.embed_texts(texts), same.embed_texts(texts), atol=1e-5)
+
+
+def test_aesthetic_weights_round_trip(tmp_path, scorer):
+    emb = scorer.embed_images(structured_images())
+    head = AestheticHead.seeded(64, (32, 16, 8, 4), seed=99)
+    for name in ("head.pth", "head.safetensors"):
+        path = tmp_path / name
+        if name.endswith(".pth"):
+            torch.save(head.state_dict(), path)
+        else:
+            from safetensors.torch import save_file
+
+            save_file(head.state_dict(), str(path))
+        loaded = Scorer(ScoringConfig(clip_model="tiny", aesthetic_weights=path))
+        assert loaded.head.hidden == (32, 16, 8, 4)
+        with torch.inference_mode():
+            expected = head.eval()(torch.from_numpy(emb)).numpy()
+        np.testing.assert_allclose(loaded.aesthetic(emb), expected, atol=1e-6)
+        # The head normalises its input, so scale does not change the score.
+        np.testing.assert_allclose(loaded.aesthetic(emb * 3.0), expected, atol=1e-5)
+    assert not np.allclose(scorer.aesthetic(emb), expected, atol=1e-4)
+
+
+def test_aesthetic_head_laion_layout_and_mismatch(tmp_path):
+    head = AestheticHead(768)
+    assert head.hidden == LAION_HIDDEN
+    assert [k for k in head.state_dict() if k.endswith("weight")] == [f"layers.{i}.weight" for i in (0, 2, 4, 6, 7)]
+    wrong = tmp_path / "wrong.pth"
+    torch.save(AestheticHead.seeded(32, (8, 8, 8, 8)).state_dict(), wrong)
+    with pytest.raises(ValueError, match="aesthetic_weights"):
+        Scorer(ScoringConfig(clip_model="tiny", aesthetic_weights=wrong))
