@@ -41,25 +41,82 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def _cmd_validate(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace):
+    """The script file plus an optional --settings file, validated together (raises ScriptError)."""
     from pydantic import ValidationError
 
-    from storymem.script import GenerationSettings, ScriptError, load_request
+    from storymem.script import GenerationSettings, ScriptError, StoryRequest, load_request
+
+    request = load_request(args.script)
+    if args.settings is None:
+        return request
+    overrides = _read_settings(args.settings)
+    merged = {**request.settings.model_dump(exclude_unset=True), **overrides}
+    try:
+        settings = GenerationSettings.model_validate(merged)
+    except ValidationError as exc:
+        raise ScriptError.from_validation_error(exc, prefix="settings") from None
+    return StoryRequest(script=request.script, settings=settings)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from storymem.script import ScriptError
 
     try:
-        request = load_request(args.script)
-        if args.settings is not None:
-            overrides = _read_settings(args.settings)
-            merged = {**request.settings.model_dump(exclude_unset=True), **overrides}
-            try:
-                GenerationSettings.model_validate(merged)
-            except ValidationError as exc:
-                raise ScriptError.from_validation_error(exc, prefix="settings") from None
+        request = _load(args)
     except ScriptError as exc:
         _print_errors(exc.errors)
         return EXIT_BAD_INPUT
     name = f" ({request.script.story_name})" if request.script.story_name else ""
     print(f"ok: {request.script.num_shots} shots{name}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------
+# run
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="make a whole story in this process (no Ray): shots, keyframes, memory, final video",
+        description="Generate a story into a folder. Re-running into a folder that holds finished "
+        "shots continues from the first unfinished one.",
+    )
+    p.add_argument("script", type=Path, help="story script JSON (flat or ST-Bench form)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--config", type=Path, default=None, help="StoryMem config (YAML/JSON): models, memory, scoring")
+    p.add_argument("--settings", type=Path, default=None, help="JSON file of generation settings overrides")
+    p.add_argument("--shots", type=int, default=None, help="make only the first N shots (quick looks)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from storymem.config import load_config
+    from storymem.local import run_story
+    from storymem.script import ScriptError
+
+    try:
+        request = _load(args)
+        if args.shots is not None:
+            if not 1 <= args.shots <= request.script.num_shots:
+                raise ScriptError([("--shots", f"must be between 1 and {request.script.num_shots}")])
+            request.script.shots = request.script.shots[: args.shots]
+        cfg = load_config(args.config)
+    except ScriptError as exc:
+        _print_errors(exc.errors)
+        return EXIT_BAD_INPUT
+    except (OSError, ValueError) as exc:
+        print(f"--config: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    manifest = run_story(
+        request, args.out, cfg, progress=not args.quiet, reference_base_dir=args.script.resolve().parent
+    )
+    if manifest.state != "done":
+        print(f"story {manifest.state}: {manifest.error}", file=sys.stderr)
+        return 1
+    total = sum(sum(r.timings.values()) for r in manifest.shots)
+    print(f"done: {manifest.shots_done} shots, {manifest.final_frames} frames -> {args.out / 'final.mp4'} ({total:.1f} s of shot work)")
     return EXIT_OK
 
 
@@ -83,6 +140,7 @@ def _read_settings(path: Path) -> dict:
 
 COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
     "validate": (_add_validate, _cmd_validate),
+    "run": (_add_run, _cmd_run),
 }
 
 

@@ -1,0 +1,91 @@
+"""One story in this process, without Ray: the CLI's `storymem run` and the library's quick path."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .config import StoryMemConfig
+from .pipeline import build_pipeline
+from .progress import Phase, ProgressEvent
+from .scoring import Scorer
+from .script import StoryRequest
+from .storage import LocalStore, StoryLayout
+from .story import Manifest, PipelineGenerator, StoryRunner
+
+
+class ProgressBars:
+    """Two tqdm bars fed by progress events: shots of the story and steps of the current shot."""
+
+    def __init__(self, shots_total: int, steps_total: int, done: int = 0):
+        from tqdm.auto import tqdm
+
+        self.shots = tqdm(total=shots_total, initial=done, desc="shots", unit="shot", position=0)
+        self.steps = tqdm(total=steps_total, desc="steps", unit="step", position=1, leave=False)
+
+    def __call__(self, e: ProgressEvent) -> None:
+        if e.phase == Phase.ENCODE:
+            self.steps.reset()
+            self.steps.set_description(f"shot {e.shot + 1}")
+        elif e.phase in (Phase.DENOISE, Phase.DECODE) and e.step is not None:
+            self.steps.n = e.step
+            self.steps.refresh()
+        elif e.phase == Phase.COMMIT:
+            self.shots.update(1)
+        elif e.phase.terminal or e.phase == Phase.STITCH:
+            self.steps.set_description(e.phase.value)
+
+    def close(self) -> None:
+        self.steps.close()
+        self.shots.close()
+
+
+def folder_story_id(script_name: str | None) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", script_name or "story").strip("-_")[:64]
+    return slug or "story"
+
+
+def run_story(
+    request: StoryRequest,
+    out_dir: str | Path,
+    cfg: StoryMemConfig | None = None,
+    progress: bool = True,
+    pipeline=None,
+    scorer=None,
+    reference_base_dir=None,
+) -> Manifest:
+    """Generate (or resume) a story into `out_dir`: shots/, keyframes/, memory/, final.mp4,
+    manifest.json. Pipeline and scorer may be passed in to reuse loaded models."""
+    cfg = cfg or StoryMemConfig()
+    if pipeline is None:
+        pipeline, profile = build_pipeline(cfg.model)
+        settings = request.settings.resolve(profile.defaults)
+        model_name = profile.name
+    else:
+        settings, model_name = request.settings, type(pipeline).__name__
+    scorer = scorer or Scorer(cfg.scoring)
+    store = LocalStore(out_dir)
+    layout = StoryLayout(folder_story_id(request.script.story_name), prefix="")
+    bars = None
+    if progress:
+        from .story import read_manifest
+
+        previous = read_manifest(store, layout)
+        bars = ProgressBars(request.script.num_shots, settings.num_inference_steps, previous.shots_done if previous else 0)
+    runner = StoryRunner(
+        store,
+        layout,
+        request.script,
+        settings,
+        PipelineGenerator(pipeline),
+        scorer,
+        memory_cfg=cfg.memory,
+        on_event=bars,
+        model_name=model_name,
+        reference_base_dir=reference_base_dir,
+    )
+    try:
+        return runner.run()
+    finally:
+        if bars is not None:
+            bars.close()

@@ -1,0 +1,417 @@
+"""The shot loop of one story, shared by the CLI (one process) and the Ray director.
+
+`StoryRunner` makes shots in order: memory -> generate -> score -> update memory -> commit. Every
+collaborator is an interface, so the same loop runs with a local pipeline and scorer or with Ray
+actor handles behind them. The manifest is the commit point: a shot's objects are written first,
+then the manifest names the shot; a restarted runner continues after the last named shot and
+never remakes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from .config import MemoryConfig
+from .m2v import ShotMode
+from .memory import MemoryBank
+from .progress import EventSink, Phase, ProgressEvent
+from .script import GenerationSettings, StoryScript, TransitionMode
+from .stitch import encode_video, overlap_frames, read_video, stitch_files
+from .storage import ArtifactStore, StoryLayout
+
+log = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+
+
+class StoryCancelled(Exception):
+    """Raised inside a shot (between denoising steps) when the story was cancelled."""
+
+
+# ------------------------------------------------------------------------------------ shots
+
+
+@dataclass
+class ShotRequest:
+    """Everything a generator needs for one shot; plain data, so it crosses process boundaries."""
+
+    story: str
+    index: int
+    prompt: str
+    mode: str
+    seed: int
+    settings: dict
+    memory: list[np.ndarray] = field(default_factory=list)
+    motion_frames: np.ndarray | None = None
+    fix: int = 3
+
+    def pipeline_kwargs(self) -> dict:
+        s = self.settings
+        return dict(
+            prompt=self.prompt,
+            negative_prompt=s.get("negative_prompt"),
+            memory=self.memory,
+            motion_frames=self.motion_frames,
+            mode=self.mode,
+            fix=self.fix,
+            height=s["height"],
+            width=s["width"],
+            num_frames=s["num_frames"],
+            num_inference_steps=s["num_inference_steps"],
+            guidance_scale=s["guidance_scale"],
+            guidance_scale_2=s.get("guidance_scale_2"),
+            shift=s["shift"],
+            seed=self.seed,
+        )
+
+
+@dataclass
+class ShotResult:
+    frames: np.ndarray
+    mode: str
+    timings: dict = field(default_factory=dict)
+    generator: str | None = None
+
+
+StepCallback = Callable[[int, int], None]
+
+
+class ShotGenerator(Protocol):
+    def generate(self, request: ShotRequest, step_callback: StepCallback | None = None) -> ShotResult: ...
+
+
+class FrameScorer(Protocol):
+    def score_frames(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class PipelineGenerator:
+    """A ShotGenerator over a StoryMemPipeline in this process."""
+
+    def __init__(self, pipe, name: str = "local"):
+        self.pipe = pipe
+        self.name = name
+
+    def generate(self, request: ShotRequest, step_callback: StepCallback | None = None) -> ShotResult:
+        out = self.pipe(**request.pipeline_kwargs(), step_callback=step_callback)
+        return ShotResult(frames=out.frames, mode=out.mode, timings=out.timings, generator=self.name)
+
+
+# ------------------------------------------------------------------------------------ manifest
+
+
+class ShotRecord(BaseModel):
+    index: int
+    prompt: str
+    cut: bool
+    mode: str
+    seed: int
+    frames: int
+    drop: int = Field(description="Leading frames dropped when stitching (overlap with the previous shot).")
+    video: str
+    keyframes: list[dict] = Field(description="Frames of this shot taken into memory: {frame, key}.")
+    memory_used: list[dict] = Field(description="The memory this shot was conditioned on (bank before it).")
+    memory_after: str = Field(description="Key of the bank description after this shot.")
+    memory_state: str = Field(description="Key of the lossless bank after this shot.")
+    timings: dict = Field(default_factory=dict)
+    generator: str | None = None
+    attempts: int = 1
+
+
+class Manifest(BaseModel):
+    """The commit record of a story. Readers trust only what it names."""
+
+    version: int = MANIFEST_VERSION
+    story_id: str
+    story_name: str | None = None
+    script_sha256: str
+    state: str = "running"
+    shots_total: int
+    settings: dict
+    model: str = ""
+    shots: list[ShotRecord] = Field(default_factory=list)
+    final: str | None = None
+    final_frames: int | None = None
+    error: str | None = None
+    created: float = Field(default_factory=time.time)
+    updated: float = Field(default_factory=time.time)
+
+    @property
+    def shots_done(self) -> int:
+        return len(self.shots)
+
+
+def script_digest(script: StoryScript) -> str:
+    return hashlib.sha256(script.model_dump_json().encode()).hexdigest()
+
+
+def read_manifest(store: ArtifactStore, layout: StoryLayout) -> Manifest | None:
+    try:
+        return Manifest.model_validate_json(store.get_bytes(layout.manifest))
+    except KeyError:
+        return None
+
+
+def shot_mode(index: int, cut: bool, transition: TransitionMode, has_references: bool) -> ShotMode:
+    if index == 0:
+        return ShotMode.MR2V if has_references else ShotMode.T2V
+    if not cut and transition == TransitionMode.MI2V:
+        return ShotMode.MI2V
+    if not cut and transition == TransitionMode.MM2V:
+        return ShotMode.MM2V
+    return ShotMode.M2V
+
+
+def _jpeg(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------ runner
+
+
+class StoryRunner:
+    """Runs (or resumes) one story.
+
+    store/layout: where objects go. generator/scorer: the ShotGenerator and FrameScorer.
+    settings: already resolved against the model profile (the manifest keeps them, and a resumed
+    story uses the manifest's copy). on_event: progress sink. is_cancelled: polled between steps.
+    """
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        layout: StoryLayout,
+        script: StoryScript,
+        settings: GenerationSettings,
+        generator: ShotGenerator,
+        scorer: FrameScorer,
+        memory_cfg: MemoryConfig | None = None,
+        on_event: EventSink | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
+        model_name: str = "",
+        reference_base_dir=None,
+    ):
+        self.store = store
+        self.layout = layout
+        self.script = script
+        self.settings = settings
+        self.generator = generator
+        self.scorer = scorer
+        self.memory_cfg = memory_cfg or MemoryConfig()
+        self.on_event = on_event
+        self.is_cancelled = is_cancelled or (lambda: False)
+        self.model_name = model_name
+        self.reference_base_dir = reference_base_dir
+
+    # -- events
+    def emit(self, phase: Phase, shot: int | None = None, step: int | None = None, message: str | None = None):
+        if self.on_event is None:
+            return
+        self.on_event(
+            ProgressEvent(
+                story=self.layout.story_id,
+                shot=shot,
+                shots_total=self.script.num_shots,
+                step=step,
+                steps_total=self.settings.num_inference_steps,
+                phase=phase,
+                message=message,
+            )
+        )
+
+    def _check_cancel(self):
+        if self.is_cancelled():
+            raise StoryCancelled("cancelled by request")
+
+    # -- state
+    def open(self) -> Manifest:
+        """The story's manifest: the stored one (after checking it is this story) or a new one."""
+        digest = script_digest(self.script)
+        manifest = read_manifest(self.store, self.layout)
+        if manifest is not None:
+            if manifest.script_sha256 != digest:
+                raise ValueError(
+                    f"{self.layout.manifest} belongs to a different script; use another story id or output folder"
+                )
+            self.settings = GenerationSettings.model_validate(manifest.settings)
+            return manifest
+        self.store.put_bytes(self.layout.script, self.script.model_dump_json(indent=2).encode(), "application/json")
+        self.store.put_bytes(self.layout.settings, self.settings.model_dump_json(indent=2).encode(), "application/json")
+        manifest = Manifest(
+            story_id=self.layout.story_id,
+            story_name=self.script.story_name,
+            script_sha256=digest,
+            shots_total=self.script.num_shots,
+            settings=self.settings.model_dump(mode="json"),
+            model=self.model_name,
+        )
+        self._save(manifest)
+        return manifest
+
+    def _save(self, manifest: Manifest) -> None:
+        manifest.updated = time.time()
+        self.store.put_bytes(self.layout.manifest, manifest.model_dump_json(indent=2).encode(), "application/json")
+
+    def _initial_bank(self) -> MemoryBank:
+        bank = MemoryBank(max_size=self.settings.max_memory_size, fix=self.settings.fix)
+        if self.script.reference_images:
+            images = [ref.load(self.reference_base_dir) for ref in self.script.reference_images]
+            embeddings, _ = _score_each(self.scorer, images)
+            bank.add_references(images, embeddings)
+        return bank
+
+    def _bank_after(self, manifest: Manifest) -> MemoryBank:
+        if not manifest.shots:
+            return self._initial_bank()
+        return MemoryBank.from_bytes(self.store.get_bytes(manifest.shots[-1].memory_state))
+
+    # -- the loop
+    def run(self) -> Manifest:
+        """Make every unfinished shot, then stitch. Returns the manifest (state done or cancelled);
+        on any other error the manifest is marked failed with the reason and the error re-raised."""
+        manifest = self.open()
+        if manifest.state == "done" and manifest.final is not None:
+            return manifest
+        manifest.state, manifest.error = "running", None
+        self._save(manifest)
+        self.emit(Phase.START, shot=manifest.shots_done)
+        try:
+            bank = self._bank_after(manifest)
+            for k in range(manifest.shots_done, self.script.num_shots):
+                self._check_cancel()
+                self.make_shot(k, bank, manifest)
+            self._check_cancel()
+            self.stitch(manifest)
+        except StoryCancelled as e:
+            manifest.state, manifest.error = "cancelled", str(e)
+            self._save_quietly(manifest)
+            self.emit(Phase.CANCELLED, message=str(e))
+            return manifest
+        except Exception as e:
+            manifest.state, manifest.error = "failed", f"{type(e).__name__}: {e}"
+            self._save_quietly(manifest)
+            self.emit(Phase.FAILED, message=manifest.error)
+            raise
+        manifest.state = "done"
+        self._save(manifest)
+        self.emit(Phase.DONE, shot=self.script.num_shots - 1)
+        return manifest
+
+    def _save_quietly(self, manifest: Manifest) -> None:
+        try:
+            self._save(manifest)
+        except Exception:  # storage may be the thing that failed; the caller reports the reason
+            log.warning("could not record state %s of %s", manifest.state, manifest.story_id, exc_info=True)
+
+    def request_for(self, k: int, bank: MemoryBank) -> ShotRequest:
+        shot = self.script.shots[k]
+        s = self.settings
+        mode = shot_mode(k, shot.cut, s.transition, bool(self.script.reference_images))
+        motion = bank.tail if mode.motion_frames else None
+        if mode.motion_frames and (motion is None or len(motion) < mode.motion_frames):
+            raise RuntimeError(f"shot {k}: {mode.value} needs the previous shot's last frames, which memory lacks")
+        return ShotRequest(
+            story=self.layout.story_id,
+            index=k,
+            prompt=shot.prompt,
+            mode=mode.value,
+            seed=s.seed + k,
+            settings=s.model_dump(mode="json"),
+            memory=[] if mode == ShotMode.T2V else bank.images(),
+            motion_frames=None if motion is None else motion[-mode.motion_frames :],
+            fix=s.fix,
+        )
+
+    def make_shot(self, k: int, bank: MemoryBank, manifest: Manifest) -> ShotRecord:
+        shot = self.script.shots[k]
+        request = self.request_for(k, bank)
+        memory_used = bank.describe()
+        self.emit(Phase.ENCODE, shot=k, step=0)
+
+        steps_total = self.settings.num_inference_steps
+
+        def on_step(step: int, total: int) -> None:
+            self.emit(Phase.DENOISE if step < total else Phase.DECODE, shot=k, step=step)
+            self._check_cancel()
+
+        result = self.generator.generate(request, on_step)
+        frames = np.asarray(result.frames)
+        expected = (self.settings.num_frames, self.settings.height, self.settings.width, 3)
+        if frames.shape != expected or frames.dtype != np.uint8:
+            raise RuntimeError(f"shot {k}: generator returned {frames.shape} {frames.dtype}, expected {expected} uint8")
+
+        self.emit(Phase.SCORE, shot=k, step=steps_total)
+        t0 = time.perf_counter()
+        embeddings, quality = self.scorer.score_frames(frames)
+        nxt = self.script.shots[k + 1] if k + 1 < self.script.num_shots else None
+        tail = 0
+        if nxt is not None and not nxt.cut:
+            tail = overlap_frames(False, self.settings.transition)
+        selected = bank.update(k, frames, embeddings, quality, self.memory_cfg, tail_frames=tail)
+        score_s = time.perf_counter() - t0
+
+        self.emit(Phase.COMMIT, shot=k, step=steps_total)
+        t0 = time.perf_counter()
+        L = self.layout
+        self.store.put_bytes(L.shot(k), encode_video(frames, fps=self.settings.fps), "video/mp4")
+        keyframes = []
+        for j, i in enumerate(selected):
+            self.store.put_bytes(L.keyframe(k, j), _jpeg(frames[i]), "image/jpeg")
+            keyframes.append({"frame": int(i), "key": L.keyframe(k, j)})
+        description = {"shot": k, "selected": [int(i) for i in selected], "bank": bank.describe()}
+        self.store.put_bytes(L.memory(k), json.dumps(description, indent=2).encode(), "application/json")
+        self.store.put_bytes(L.memory_state(k), bank.to_bytes(), "application/octet-stream")
+        record = ShotRecord(
+            index=k,
+            prompt=shot.prompt,
+            cut=shot.cut,
+            mode=result.mode,
+            seed=request.seed,
+            frames=int(frames.shape[0]),
+            drop=0 if k == 0 else overlap_frames(shot.cut, self.settings.transition),
+            video=L.shot(k),
+            keyframes=keyframes,
+            memory_used=memory_used,
+            memory_after=L.memory(k),
+            memory_state=L.memory_state(k),
+            timings={**result.timings, "score": score_s, "write": time.perf_counter() - t0},
+            generator=result.generator,
+            attempts=getattr(result, "attempts", 1),
+        )
+        manifest.shots.append(record)
+        self._save(manifest)  # the commit point
+        return record
+
+    def stitch(self, manifest: Manifest) -> None:
+        self.emit(Phase.STITCH, shot=self.script.num_shots - 1)
+        videos = [self.store.get_bytes(r.video) for r in manifest.shots]
+        drops = [r.drop for r in manifest.shots]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "final.mp4"
+            stitch_files(videos, drops, out, fps=self.settings.fps)
+            self.store.put_file(self.layout.final, out, "video/mp4")
+        manifest.final = self.layout.final
+        manifest.final_frames = sum(r.frames - r.drop for r in manifest.shots)
+
+
+def _score_each(scorer: FrameScorer, images: list[np.ndarray]):
+    """Reference images may differ in size: score them one at a time."""
+    embs, quals = zip(*(scorer.score_frames(img[None]) for img in images))
+    return np.concatenate(embs), np.concatenate(quals)
+
+
+def read_final(store: ArtifactStore, layout: StoryLayout) -> np.ndarray:
+    return read_video(store.get_bytes(layout.final))
