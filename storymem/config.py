@@ -116,10 +116,14 @@ class StorageConfig(_Strict):
     secret_key: SecretStr = Field(SecretStr(""), description="Secret key; env STORYMEM_S3_SECRET_KEY.")
     secure: bool = Field(False, description="Use HTTPS.")
     region: str | None = Field(None, description="Region name, when the server needs one.")
-    retries: int = Field(6, ge=0, le=100, description="Attempts on a failing S3 call before giving up.")
+    retries: int = Field(6, ge=0, le=100, description="Retries of a failing S3 call after its first attempt.")
     backoff_s: float = Field(0.5, gt=0, le=60, description="First retry delay; doubles up to backoff_max_s.")
     backoff_max_s: float = Field(8.0, gt=0, le=600, description="Longest delay between retries.")
     presign_expiry_s: int = Field(3600, ge=60, le=7 * 24 * 3600, description="Lifetime of presigned URLs.")
+    connect_timeout_s: float = Field(10.0, gt=0, le=600, description="TCP connect timeout of one S3 request.")
+    read_timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="Socket read timeout of one S3 request (a stalled transfer retries)."
+    )
 
     @classmethod
     def from_env(cls, **overrides) -> "StorageConfig":
@@ -153,6 +157,16 @@ class EngineConfig(_Strict):
     max_queued_stories: int = Field(64, ge=1, le=100000, description="Stories waiting or running; more get 429.")
     max_running_stories: int = Field(16, ge=1, le=10000, description="Stories whose directors run at once.")
     namespace: str = Field("storymem", description="Ray namespace of the named actors.")
+    cpus_per_scorer: float = Field(1.0, ge=0, le=256, description="CPUs each scorer actor reserves.")
+    gpus_per_scorer: float = Field(0.0, ge=0, le=8, description="GPUs each scorer actor reserves.")
+    max_director_attempts: int = Field(
+        3, ge=1, le=20, description="Directors started for one run of a story; a director that dies is replaced "
+        "by one that resumes from the last committed shot, this many times in all.",
+    )
+    event_log_capacity: int = Field(2000, ge=10, le=1_000_000, description="Progress events kept per story.")
+    detached: bool = Field(
+        False, description="Start the engine as a detached actor that outlives the process that started it."
+    )
 
 
 class ServiceConfig(_Strict):
@@ -166,6 +180,27 @@ class ServiceConfig(_Strict):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
     ingress_replicas: int = Field(1, ge=1, le=64, description="Replicas of the HTTP ingress deployment.")
     page_size_max: int = Field(100, ge=1, le=1000, description="Largest page of GET /v1/stories.")
+    allow_no_auth: bool = Field(
+        False,
+        description="Serve story routes without a token. Without it the service refuses to start when no "
+        "api_token is configured; only for a machine whose API port nobody else can reach.",
+    )
+    max_ongoing_requests: int = Field(
+        256, ge=1, le=100000, description="Requests one ingress replica serves at once (event streams count)."
+    )
+    ingress_num_cpus: float = Field(0.0, ge=0, le=64, description="CPUs each ingress replica reserves.")
+    start_engine: bool = Field(
+        True, description="The ingress starts the engine (actors.start_engine) when none runs in the cluster."
+    )
+    sse_keepalive_s: float = Field(
+        15.0, gt=0, le=300, description="Longest silence on an event stream; a comment line is sent then."
+    )
+    public_s3_endpoint: str | None = Field(
+        None,
+        description="host:port clients use to reach the object store, when it differs from storage.endpoint "
+        "(presigned URLs are signed for this host). None: storage.endpoint.",
+    )
+    public_s3_secure: bool = Field(False, description="Presigned URLs for public_s3_endpoint use HTTPS.")
 
 
 class StoryMemConfig(_Strict):

@@ -1,0 +1,43 @@
+# StoryMem: `make demo` and `make test` work on a fresh machine (they install into .venv first).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.storymem-installed
+STORY  ?= ../shared/st-bench/cat.json
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-fast bench serve stop clean
+
+install: $(STAMP)
+
+# torch and torchvision are installed first and pinned together (see pyproject.toml): installing
+# open_clip_torch or diffusers without them in place would pull another torch.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m storymem.demo --story $(STORY)
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: install
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+bench: install
+	$(PY) bench/shot_breakdown.py
+
+serve: install
+	$(PY) -m cluster.local start
+
+stop:
+	$(PY) -m cluster.local stop
+
+clean:
+	rm -rf out .storymem
