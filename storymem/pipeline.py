@@ -21,14 +21,9 @@ from diffusers import AutoencoderKLWan, DiffusionPipeline, UniPCMultistepSchedul
 from diffusers.utils import BaseOutput
 
 from .m2v import ShotMode, build_condition, build_mask, install_memory_rope, memory_frames
+from .script import WAN_DEFAULT_NEGATIVE_PROMPT
 
-# Wan's usual negative prompt (English wording): what the unconditional branch steers away from.
-DEFAULT_NEGATIVE_PROMPT = (
-    "vivid colour cast, overexposed, static, blurry details, subtitles, style, artwork, painting, still image, "
-    "overall grey, worst quality, low quality, jpeg artifacts, ugly, incomplete, extra fingers, poorly drawn hands, "
-    "poorly drawn face, deformed, disfigured, malformed limbs, fused fingers, motionless frame, cluttered background, "
-    "three legs, crowded background, walking backwards"
-)
+DEFAULT_NEGATIVE_PROMPT = WAN_DEFAULT_NEGATIVE_PROMPT  # transitional alias, see train.py
 
 StepCallback = Callable[[int, int], None]
 
@@ -226,7 +221,7 @@ class StoryMemPipeline(DiffusionPipeline):
         do_cfg = guidance_scale > 1.0 or (boundary is not None and guidance_scale_2 > 1.0)
 
         t0 = time.perf_counter()
-        neg = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
+        neg = WAN_DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
         embeds = self.encode_prompt([prompt, neg] if do_cfg else [prompt], max_sequence_length)
         dtype = high.dtype
         prompt_embeds = embeds[:1].to(device, dtype)

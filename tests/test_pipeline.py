@@ -149,7 +149,7 @@ def test_unmappable_lora_key_is_an_error():
     sd["base_model.model.blocks.0.norm3.lora_A.weight"] = torch.zeros(4, 48)
     with pytest.raises(LoraKeyError, match="norm3"):
         convert_to_diffusers(sd)
-    too_deep = native_lora_state_dict(tiny_transformer(TinyWanConfig(layers=3), 36), rank=4)
+    too_deep = native_lora_state_dict(tiny_transformer(TinyWanConfig(layers=TinyWanConfig().layers + 1), 36), rank=4)
     with pytest.raises(LoraKeyError, match="lacks"):
         load_m2v_lora(tiny_transformer(TinyWanConfig(), 36), too_deep)
 
