@@ -1,0 +1,51 @@
+"""The Ray layer: thin actor shells over `storymem` (see actors/README.md and actors/api.py)."""
+
+from __future__ import annotations
+
+from .api import ENGINE_NAME, EngineFull, StoryConflict, StoryNotFound, StoryState, StoryStatus, get_engine
+
+
+def start_engine(cfg=None, detached: bool | None = None, wait: bool = True, timeout: float = 300.0):
+    """The StoryEngine handle in namespace `cfg.engine.namespace`: the running one, else a new one.
+
+    Ray must be initialised. detached None takes `cfg.engine.detached`. wait: block until a
+    generator has loaded the model (submissions made earlier simply wait for it too).
+    """
+    import ray
+
+    from storymem.config import StoryMemConfig
+
+    from .engine import StoryEngine
+
+    cfg = cfg or StoryMemConfig()
+    if not isinstance(cfg, StoryMemConfig):
+        raise ValueError(f"cfg: expected a StoryMemConfig, got {type(cfg).__name__}")
+    ns = cfg.engine.namespace
+    try:
+        handle = ray.get_actor(ENGINE_NAME, namespace=ns)
+    except ValueError:
+        detached = cfg.engine.detached if detached is None else detached
+        handle = StoryEngine.options(
+            name=ENGINE_NAME,
+            namespace=ns,
+            lifetime="detached" if detached else None,
+            get_if_exists=True,
+            max_restarts=-1,  # a restarted engine rebuilds its story list from storage
+            max_concurrency=1000,  # long-polls wait inside the actor
+            num_cpus=0,
+        ).remote(cfg)
+    if wait:
+        ray.get(handle.wait_ready.remote(timeout))
+    return handle
+
+
+__all__ = [
+    "ENGINE_NAME",
+    "EngineFull",
+    "StoryConflict",
+    "StoryNotFound",
+    "StoryState",
+    "StoryStatus",
+    "get_engine",
+    "start_engine",
+]

@@ -201,6 +201,13 @@ class ServiceConfig(_Strict):
         "(presigned URLs are signed for this host). None: storage.endpoint.",
     )
     public_s3_secure: bool = Field(False, description="Presigned URLs for public_s3_endpoint use HTTPS.")
+    status_cache_s: float = Field(
+        0.25,
+        ge=0,
+        le=10,
+        description="GET /v1/stories/{id} answers from a replica-local copy of the status this young; "
+        "concurrent polls of one story share one engine call. 0: always ask the engine.",
+    )
 
 
 class StoryMemConfig(_Strict):
@@ -211,7 +218,7 @@ class StoryMemConfig(_Strict):
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig.from_env)
     engine: EngineConfig = Field(default_factory=EngineConfig)
-    service: ServiceConfig = Field(default_factory=ServiceConfig)
+    service: ServiceConfig = Field(default_factory=ServiceConfig, validate_default=True)  # env token applies too
 
     @field_validator("service", mode="after")
     @classmethod

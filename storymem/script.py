@@ -65,6 +65,11 @@ class ScriptError(ValueError):
         self.errors = list(errors)
         super().__init__("\n".join(f"{field}: {problem}" for field, problem in self.errors))
 
+    def __reduce__(self):
+        # Exceptions pickle as cls(*args); args here is the joined message, not the pairs. Ray
+        # pickles exceptions raised in actors (the engine's submit), so rebuild from the pairs.
+        return (type(self), (self.errors,))
+
     @classmethod
     def from_validation_error(cls, exc: ValidationError, prefix: str = "") -> "ScriptError":
         errors = []

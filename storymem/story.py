@@ -24,12 +24,11 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from .config import MemoryConfig
-from .m2v import ShotMode
 from .memory import MemoryBank
 from .progress import EventSink, Phase, ProgressEvent
 from .script import GenerationSettings, StoryScript, TransitionMode
 from .stitch import encode_video, overlap_frames, read_video, stitch_files
-from .storage import ArtifactStore, StoryLayout
+from .storage import ArtifactStore, StorageUnavailable, StoryLayout
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +37,12 @@ MANIFEST_VERSION = 1
 
 class StoryCancelled(Exception):
     """Raised inside a shot (between denoising steps) when the story was cancelled."""
+
+
+class StoryInterrupted(Exception):
+    """A collaborator of the runner was lost (e.g. a memory actor restarted) before the shot in
+    flight was committed. `run` leaves the manifest as it is and re-raises, so that the caller can
+    run the story again from its last committed shot."""
 
 
 # ------------------------------------------------------------------------------------ shots
@@ -79,10 +84,18 @@ class ShotRequest:
 
 @dataclass
 class ShotResult:
+    """frames: (F, H, W, 3) uint8. ref: an opaque handle to the same frames (a Ray ObjectRef
+    wrapper) that the runner hands to the scorer and the memory bank instead of the array, so that
+    remote collaborators fetch them from the object store rather than receiving a copy."""
+
     frames: np.ndarray
     mode: str
     timings: dict = field(default_factory=dict)
     generator: str | None = None
+    attempts: int = 1
+    ref: object | None = None
+    queue_s: float = 0.0  # waiting for a free generator (pooled generators)
+    generator_s: float | None = None  # the generator's own wall time for the successful attempt
 
 
 StepCallback = Callable[[int, int], None]
@@ -127,6 +140,9 @@ class ShotRecord(BaseModel):
     timings: dict = Field(default_factory=dict)
     generator: str | None = None
     attempts: int = 1
+    wall_s: float | None = Field(None, description="Wall seconds from the shot's start to its commit.")
+    queue_s: float | None = Field(None, description="Seconds spent waiting for a free generator.")
+    generator_s: float | None = Field(None, description="The generator's own seconds (successful attempt).")
 
 
 class Manifest(BaseModel):
@@ -140,6 +156,7 @@ class Manifest(BaseModel):
     shots_total: int
     settings: dict
     model: str = ""
+    owner: str | None = None
     shots: list[ShotRecord] = Field(default_factory=list)
     final: str | None = None
     final_frames: int | None = None
@@ -163,14 +180,20 @@ def read_manifest(store: ArtifactStore, layout: StoryLayout) -> Manifest | None:
         return None
 
 
-def shot_mode(index: int, cut: bool, transition: TransitionMode, has_references: bool) -> ShotMode:
+# Modes by their `storymem.m2v.ShotMode` values: this module is imported by every Ray director and
+# by the engine, which must not pay for importing torch and diffusers (seconds and ~1 GB each).
+_MOTION_FRAMES = {"mi2v": 1, "mm2v": 5}
+
+
+def shot_mode(index: int, cut: bool, transition: TransitionMode, has_references: bool) -> str:
+    """The ShotMode value of shot `index`: t2v/mr2v first, mi2v/mm2v continuing, m2v after a cut."""
     if index == 0:
-        return ShotMode.MR2V if has_references else ShotMode.T2V
+        return "mr2v" if has_references else "t2v"
     if not cut and transition == TransitionMode.MI2V:
-        return ShotMode.MI2V
+        return "mi2v"
     if not cut and transition == TransitionMode.MM2V:
-        return ShotMode.MM2V
-    return ShotMode.M2V
+        return "mm2v"
+    return "m2v"
 
 
 def _jpeg(image: np.ndarray) -> bytes:
@@ -203,6 +226,7 @@ class StoryRunner:
         is_cancelled: Callable[[], bool] | None = None,
         model_name: str = "",
         reference_base_dir=None,
+        owner: str | None = None,
     ):
         self.store = store
         self.layout = layout
@@ -215,6 +239,7 @@ class StoryRunner:
         self.is_cancelled = is_cancelled or (lambda: False)
         self.model_name = model_name
         self.reference_base_dir = reference_base_dir
+        self.owner = owner
 
     # -- events
     def emit(self, phase: Phase, shot: int | None = None, step: int | None = None, message: str | None = None):
@@ -257,6 +282,7 @@ class StoryRunner:
             shots_total=self.script.num_shots,
             settings=self.settings.model_dump(mode="json"),
             model=self.model_name,
+            owner=self.owner,
         )
         self._save(manifest)
         return manifest
@@ -295,6 +321,8 @@ class StoryRunner:
                 self.make_shot(k, bank, manifest)
             self._check_cancel()
             self.stitch(manifest)
+        except StoryInterrupted:
+            raise
         except StoryCancelled as e:
             manifest.state, manifest.error = "cancelled", str(e)
             self._save_quietly(manifest)
@@ -302,7 +330,9 @@ class StoryRunner:
             return manifest
         except Exception as e:
             manifest.state, manifest.error = "failed", f"{type(e).__name__}: {e}"
-            self._save_quietly(manifest)
+            # Storage that just failed every retry would make the report wait another full round.
+            if not isinstance(e, StorageUnavailable):
+                self._save_quietly(manifest)
             self.emit(Phase.FAILED, message=manifest.error)
             raise
         manifest.state = "done"
@@ -320,22 +350,24 @@ class StoryRunner:
         shot = self.script.shots[k]
         s = self.settings
         mode = shot_mode(k, shot.cut, s.transition, bool(self.script.reference_images))
-        motion = bank.tail if mode.motion_frames else None
-        if mode.motion_frames and (motion is None or len(motion) < mode.motion_frames):
-            raise RuntimeError(f"shot {k}: {mode.value} needs the previous shot's last frames, which memory lacks")
+        n_motion = _MOTION_FRAMES.get(mode, 0)
+        motion = bank.tail if n_motion else None
+        if n_motion and (motion is None or len(motion) < n_motion):
+            raise RuntimeError(f"shot {k}: {mode} needs the previous shot's last frames, which memory lacks")
         return ShotRequest(
             story=self.layout.story_id,
             index=k,
             prompt=shot.prompt,
-            mode=mode.value,
+            mode=mode,
             seed=s.seed + k,
             settings=s.model_dump(mode="json"),
-            memory=[] if mode == ShotMode.T2V else bank.images(),
-            motion_frames=None if motion is None else motion[-mode.motion_frames :],
+            memory=[] if mode == "t2v" else bank.images(),
+            motion_frames=None if motion is None else motion[-n_motion:],
             fix=s.fix,
         )
 
     def make_shot(self, k: int, bank: MemoryBank, manifest: Manifest) -> ShotRecord:
+        t_shot = time.perf_counter()
         shot = self.script.shots[k]
         request = self.request_for(k, bank)
         memory_used = bank.describe()
@@ -353,14 +385,16 @@ class StoryRunner:
         if frames.shape != expected or frames.dtype != np.uint8:
             raise RuntimeError(f"shot {k}: generator returned {frames.shape} {frames.dtype}, expected {expected} uint8")
 
+        # Remote collaborators take the handle (frames stay in the object store); local ones the array.
+        data = frames if result.ref is None else result.ref
         self.emit(Phase.SCORE, shot=k, step=steps_total)
         t0 = time.perf_counter()
-        embeddings, quality = self.scorer.score_frames(frames)
+        embeddings, quality = self.scorer.score_frames(data)
         nxt = self.script.shots[k + 1] if k + 1 < self.script.num_shots else None
         tail = 0
         if nxt is not None and not nxt.cut:
             tail = overlap_frames(False, self.settings.transition)
-        selected = bank.update(k, frames, embeddings, quality, self.memory_cfg, tail_frames=tail)
+        selected = bank.update(k, data, embeddings, quality, self.memory_cfg, tail_frames=tail)
         score_s = time.perf_counter() - t0
 
         self.emit(Phase.COMMIT, shot=k, step=steps_total)
@@ -389,7 +423,10 @@ class StoryRunner:
             memory_state=L.memory_state(k),
             timings={**result.timings, "score": score_s, "write": time.perf_counter() - t0},
             generator=result.generator,
-            attempts=getattr(result, "attempts", 1),
+            attempts=result.attempts,
+            wall_s=time.perf_counter() - t_shot,
+            queue_s=result.queue_s,
+            generator_s=result.generator_s,
         )
         manifest.shots.append(record)
         self._save(manifest)  # the commit point
@@ -397,14 +434,22 @@ class StoryRunner:
 
     def stitch(self, manifest: Manifest) -> None:
         self.emit(Phase.STITCH, shot=self.script.num_shots - 1)
-        videos = [self.store.get_bytes(r.video) for r in manifest.shots]
-        drops = [r.drop for r in manifest.shots]
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "final.mp4"
-            stitch_files(videos, drops, out, fps=self.settings.fps)
-            self.store.put_file(self.layout.final, out, "video/mp4")
-        manifest.final = self.layout.final
-        manifest.final_frames = sum(r.frames - r.drop for r in manifest.shots)
+        manifest.final, manifest.final_frames = stitch_story(self.store, self.layout, manifest)
+
+
+def stitch_story(store: ArtifactStore, layout: StoryLayout, manifest: Manifest) -> tuple[str, int]:
+    """Assemble the final video from the shots the manifest names (never from unnamed objects),
+    store it and return (key, frames). Used by the runner and by the Ray stitcher."""
+    if len(manifest.shots) != manifest.shots_total:
+        raise ValueError(f"manifest: {manifest.shots_done} of {manifest.shots_total} shots committed; nothing to stitch yet")
+    videos = [store.get_bytes(r.video) for r in manifest.shots]
+    drops = [r.drop for r in manifest.shots]
+    fps = GenerationSettings.model_validate(manifest.settings).fps
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "final.mp4"
+        frames = stitch_files(videos, drops, out, fps=fps)
+        store.put_file(layout.final, out, "video/mp4")
+    return layout.final, frames
 
 
 def _score_each(scorer: FrameScorer, images: list[np.ndarray]):

@@ -33,3 +33,38 @@ def s3_store(s3_server):
         f"t-{uuid.uuid4().hex[:16]}", retries=2, backoff_s=0.05, backoff_max_s=0.2, connect_timeout_s=2.0
     )
     return S3Store(cfg)
+
+
+# --- Ray (a local cluster for the engine tests) -------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A private local Ray for the session: 4 logical CPUs, 300 MB object store, quiet, own temp dir."""
+    import logging
+    import os
+    import shutil
+    import tempfile
+
+    # Without this, ray.init writes ~/.ray/auth_token and later Ray CLI calls demand a token.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    # A short path: Ray's unix sockets live under it and socket paths are limited to 107 bytes.
+    temp = tempfile.mkdtemp(prefix="ray-")
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        _temp_dir=temp,
+        _node_ip_address="127.0.0.1",
+        object_store_memory=300 * 1024**2,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
