@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import io
 import os
 import random
 import secrets
@@ -73,6 +74,8 @@ def _pick_ports(host: str, count: int, taken: set[int]) -> list[int]:
         return chosen
     raise RuntimeError(f"found only {len(chosen)} of {count} free port pairs on {host}")
 
+
+_PROBE_BUCKET = "storymem-readiness"  # written once at start-up to prove the server takes writes
 
 class _EarlyExit(RuntimeError):
     """weed exited during startup (a port taken, a bad flag, a locked data dir)."""
@@ -236,9 +239,15 @@ class LocalS3Server:
                 )
             try:
                 client.list_buckets()
+                # Listing answers before the volume servers take writes (after a restart the first
+                # PUT can hang for seconds), so readiness also means a small write went through.
+                if not client.bucket_exists(_PROBE_BUCKET):
+                    client.make_bucket(_PROBE_BUCKET)
+                client.put_object(_PROBE_BUCKET, "ready", io.BytesIO(b"1"), 1)
+                client.remove_object(_PROBE_BUCKET, "ready")
                 if self._proc.poll() is None:  # answered by our process, not a squatter on the port
                     return
-            except Exception as e:  # not listening yet, or the filer behind S3 not ready yet
+            except Exception as e:  # not listening yet, or the filer/volumes behind S3 not ready yet
                 last = e
                 time.sleep(0.1)
         raise TimeoutError(

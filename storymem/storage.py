@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import http.client
 import io
+import logging
 import os
 import random
 import re
@@ -28,6 +29,8 @@ T = TypeVar("T")
 
 _TMP_MARK = ".~tmp."  # LocalStore's in-flight files; never a key segment
 _MAX_KEY_LEN = 1024  # S3's limit, in UTF-8 bytes
+
+log = logging.getLogger(__name__)
 
 
 class StorageError(RuntimeError):
@@ -368,7 +371,12 @@ class S3Store:
                 if kind == "fatal":
                     raise StorageError(f"S3 {what} at {self.cfg.endpoint} failed: {reason}") from None
             if attempt + 1 < attempts:
-                time.sleep(min(delay, self.cfg.backoff_max_s) * random.uniform(0.5, 1.0))
+                pause = min(delay, self.cfg.backoff_max_s) * random.uniform(0.5, 1.0)
+                log.warning(
+                    "S3 %s at %s failed (%s); retry %d/%d in %.1f s",
+                    what, self.cfg.endpoint, reason, attempt + 1, attempts - 1, pause,
+                )
+                time.sleep(pause)
                 delay *= 2
         raise StorageUnavailable(
             f"S3 {what} at {self.cfg.endpoint} failed after {attempts} attempts; last error: {reason}"
