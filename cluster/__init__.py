@@ -1,0 +1,1 @@
+"""Deployment of the StoryMem service: one machine (`python -m cluster.local`) and KubeRay manifests."""

@@ -1,0 +1,210 @@
+"""The deployment files in cluster/ agree with the code: they parse, name the Serve app and the batch
+entry point the code provides, give every container the settings the code reads, and point at
+Secrets, volumes and services that the manifests define."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from storymem.config import load_config
+
+CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
+REPO = CLUSTER.parent
+REQUIRED_ENV = {"STORYMEM_S3_ENDPOINT", "STORYMEM_S3_BUCKET", "STORYMEM_S3_ACCESS_KEY", "STORYMEM_S3_SECRET_KEY"}
+
+
+def _docs(name: str) -> list[dict]:
+    docs = [d for d in yaml.safe_load_all((CLUSTER / name).read_text()) if d]
+    assert docs, name
+    return docs
+
+
+def _one(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, (kind, name, [d["kind"] for d in docs])
+    return found[0]
+
+
+def _pod_specs(cluster_spec: dict) -> dict[str, dict]:
+    specs = {"head": cluster_spec["headGroupSpec"]["template"]["spec"]}
+    for group in cluster_spec["workerGroupSpecs"]:
+        specs[group["groupName"]] = group["template"]["spec"]
+    return specs
+
+
+def _env_read_by_code() -> set[str]:
+    names = set()
+    for path in [REPO / "serve_app.py", *(REPO / "storymem").glob("*.py"), *(REPO / "cluster").glob("*.py")]:
+        names |= set(re.findall(r"\"(STORYMEM_[A-Z0-9_]+)\"", path.read_text()))
+    return names
+
+
+@pytest.fixture(scope="module")
+def manifests() -> dict[str, list[dict]]:
+    return {name: _docs(name) for name in ("rayservice.yaml", "rayjob-batch.yaml", "minio.yaml")}
+
+
+def test_every_manifest_parses_with_kinds_and_names(manifests):
+    for name, docs in manifests.items():
+        for doc in docs:
+            assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], name
+    assert {d["kind"] for d in manifests["minio.yaml"]} == {"Secret", "PersistentVolumeClaim", "Deployment", "Service"}
+    assert _one(manifests["rayservice.yaml"], "RayService")["apiVersion"] == "ray.io/v1"
+    assert _one(manifests["rayjob-batch.yaml"], "RayJob")["apiVersion"] == "ray.io/v1"
+
+
+def test_code_reads_the_storage_and_token_variables():
+    # The manifests set these; the code must be what reads them (grep, not a copy of a list).
+    config_text = (REPO / "storymem" / "config.py").read_text()
+    for var in REQUIRED_ENV | {"STORYMEM_API_TOKEN"}:
+        assert f'"{var}"' in config_text, var
+
+
+@pytest.mark.parametrize("source", ["rayservice.yaml", "serve.yaml"])
+def test_serve_configs_run_the_app_builder(manifests, source):
+    import serve_app
+    from ray.serve.schema import ServeDeploySchema
+
+    if source == "serve.yaml":
+        serve_cfg = yaml.safe_load((CLUSTER / source).read_text())
+    else:
+        serve_cfg = yaml.safe_load(_one(manifests[source], "RayService")["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve_cfg)  # what `serve deploy` and KubeRay accept
+    (app,) = serve_cfg["applications"]
+    assert app["import_path"] == "serve_app:build_app"
+    module, _, attr = app["import_path"].partition(":")
+    assert callable(getattr(__import__(module), attr)) and attr == serve_app.build_app.__name__
+    assert app["name"] == serve_app.APP_NAME and app["route_prefix"] == "/"
+    # build_app accepts exactly these options; an unknown one would fail the deployment.
+    assert set(app.get("args", {})) <= {"config", "allow_no_auth", "replicas", "start_engine"}
+    assert "allow_no_auth" not in app.get("args", {})  # the cluster runs with a token
+    assert serve_cfg["http_options"]["port"] == 8000
+
+
+def _config_map(docs) -> tuple[dict, str]:
+    cm = _one(docs, "ConfigMap", "storymem-config")
+    (key,) = cm["data"]
+    return cm, key
+
+
+def test_config_map_is_a_valid_config_with_paths_on_the_model_volume(manifests, tmp_path):
+    docs = manifests["rayservice.yaml"]
+    cm, key = _config_map(docs)
+    path = tmp_path / key
+    path.write_text(cm["data"][key])
+    cfg = load_config(path)  # unknown keys or bad values raise
+    assert "storage" not in yaml.safe_load(cm["data"][key])  # S3 settings come from the environment
+    mount = _mount_path(docs, "models")
+    for field in ("t2v_path", "i2v_path", "lora_high_noise", "lora_low_noise"):
+        value = getattr(cfg.model, field)
+        assert value is not None and str(value).startswith(mount + "/"), field
+    for value in (cfg.scoring.clip_weights, cfg.scoring.aesthetic_weights):
+        assert str(value).startswith(mount + "/")
+    assert cfg.engine.gpus_per_generator >= 1 and cfg.engine.detached
+    gpu_group = next(g for g in _one(docs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+                     if g["groupName"] == "gpu")  # fmt: skip
+    gpus = gpu_group["replicas"] * int(gpu_group["rayStartParams"]["num-gpus"])
+    assert cfg.engine.num_generators * cfg.engine.gpus_per_generator <= gpus
+
+
+def _mount_path(docs, volume: str) -> str:
+    spec = _one(docs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    (mount,) = [m["mountPath"] for m in spec["containers"][0]["volumeMounts"] if m["name"] == volume]
+    return mount
+
+
+@pytest.mark.parametrize("name,kind,key", [("rayservice.yaml", "RayService", "rayClusterConfig"),
+                                           ("rayjob-batch.yaml", "RayJob", "rayClusterSpec")])  # fmt: skip
+def test_every_ray_pod_gets_settings_volumes_and_one_image(manifests, name, kind, key):
+    service_docs = manifests["rayservice.yaml"]
+    secrets = {d["metadata"]["name"]: d for d in manifests["minio.yaml"] + service_docs if d["kind"] == "Secret"}
+    claims = {d["metadata"]["name"] for d in manifests["minio.yaml"] + service_docs
+              if d["kind"] == "PersistentVolumeClaim"}  # fmt: skip
+    config_maps = {d["metadata"]["name"]: d for d in service_docs if d["kind"] == "ConfigMap"}
+    read = _env_read_by_code()
+    resource = _one(manifests[name], kind)
+    cluster = resource["spec"][key]
+    pods = _pod_specs(cluster)
+    assert {"head", "gpu", "cpu"} <= set(pods)
+    images = set()
+    for group, pod in pods.items():
+        (container,) = pod["containers"]
+        images.add(container["image"])
+        env = {e["name"]: e for e in container["env"]}
+        assert REQUIRED_ENV <= set(env), (group, REQUIRED_ENV - set(env))
+        for var in env:
+            if var.startswith("STORYMEM_"):
+                assert var in read, f"{group}: {var} is read by no code"
+        for e in env.values():
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                assert ref["key"] in secrets[ref["name"]]["stringData"], (group, ref)
+        config_path = env["STORYMEM_CONFIG"]["value"]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert set(mounts) == set(volumes)
+        cm_name = volumes["config"]["configMap"]["name"]
+        assert config_path == f"{mounts['config']}/{next(iter(config_maps[cm_name]['data']))}"
+        assert volumes["models"]["persistentVolumeClaim"]["claimName"] in claims
+    assert len(images) == 1  # one image for every pod
+    gpu = pods["gpu"]["containers"][0]["resources"]["limits"]
+    assert int(gpu["nvidia.com/gpu"]) >= 1
+    assert "nvidia.com/gpu" not in str(pods["cpu"]) and "nvidia.com/gpu" not in str(pods["head"])
+    assert cluster["rayVersion"] == __import__("ray").__version__
+
+
+def test_service_pods_get_the_api_token_and_the_s3_endpoint_is_the_minio_service(manifests):
+    service = _one(manifests["rayservice.yaml"], "RayService")
+    minio_service = _one(manifests["minio.yaml"], "Service", "minio")
+    minio = _one(manifests["minio.yaml"], "Deployment", "minio")["spec"]["template"]["spec"]["containers"][0]
+    minio_env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in minio["env"] if "valueFrom" in e}
+    ports = {p["port"] for p in minio_service["spec"]["ports"]}
+    for pod in _pod_specs(service["spec"]["rayClusterConfig"]).values():
+        env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        assert env["STORYMEM_API_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "storymem-api"
+        host, _, port = env["STORYMEM_S3_ENDPOINT"]["value"].partition(":")
+        assert host == minio_service["metadata"]["name"] and int(port) in ports
+        # The service signs with the credentials MinIO was started with.
+        assert env["STORYMEM_S3_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == minio_env["MINIO_ROOT_USER"]
+        assert env["STORYMEM_S3_SECRET_KEY"]["valueFrom"]["secretKeyRef"] == minio_env["MINIO_ROOT_PASSWORD"]
+
+
+def test_rayjob_entrypoint_is_a_valid_batch_command(manifests):
+    from storymem import batch
+
+    job = _one(manifests["rayjob-batch.yaml"], "RayJob")
+    argv = job["spec"]["entrypoint"].split()
+    assert argv[:3] == ["python", "-m", "storymem.batch"]
+    args = batch.build_parser().parse_args(argv[3:])
+    assert args.scripts.startswith("s3://") and args.out.startswith("s3://") and args.out.endswith(".parquet")
+    bucket = args.out[len("s3://") :].split("/")[0]
+    pod = _pod_specs(job["spec"]["rayClusterSpec"])["head"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in pod["env"]}
+    assert bucket == env["STORYMEM_S3_BUCKET"] == args.scripts[len("s3://") :].split("/")[0]
+    assert args.config == env["STORYMEM_CONFIG"]
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+
+
+def test_dockerfile_installs_the_package_and_its_entry_points():
+    text = (CLUSTER / "Dockerfile").read_text()
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert re.search(r"^FROM python:3\.11", text, re.M) and 'requires-python = ">=3.11"' in pyproject
+    for path in ("storymem", "actors", "serve_app.py", "pyproject.toml"):
+        assert re.search(rf"^COPY .*\b{re.escape(path)}\b", text, re.M), path
+        assert (REPO / path).exists()
+    assert re.search(r"pip install .*torch==2\.14\.1 torchvision==0\.29\.1", text)
+    assert "torch==2.14.1" in pyproject and "torchvision==0.29.1" in pyproject
+    assert re.search(r"pip install --no-cache-dir \.", text)
+    assert "import serve_app, storymem.batch, actors" in text
+
+
+def test_readme_names_the_files_and_the_values_to_set():
+    readme = (CLUSTER / "README.md").read_text()
+    for word in ("minio.yaml", "rayservice.yaml", "rayjob-batch.yaml", "Dockerfile", "storymem-models",
+                 "i2v_path", "t2v_path", "lora_high_noise", "lora_low_noise", "STORYMEM_API_TOKEN",
+                 "make serve", "make stop", "ray job submit"):  # fmt: skip
+        assert word in readme, word
