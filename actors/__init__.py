@@ -5,6 +5,33 @@ from __future__ import annotations
 from .api import ENGINE_NAME, EngineFull, StoryConflict, StoryNotFound, StoryState, StoryStatus, get_engine
 
 
+def init_local_ray(temp_dir: str, num_cpus: int | None = None, object_store_mb: int = 500):
+    """A private, quiet local Ray for one process (demo, tests, benches): its own temp dir, no
+    dashboard, bound to 127.0.0.1, never attaching to another cluster on the machine.
+
+    Token auth is disabled unless the environment says otherwise: with it, ray.init writes
+    ~/.ray/auth_token and later Ray CLI calls on the machine demand that token.
+    temp_dir should be short: Ray's unix socket paths are limited to 107 bytes.
+    """
+    import logging
+    import os
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    return ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _temp_dir=str(temp_dir),
+        _node_ip_address="127.0.0.1",
+        object_store_memory=object_store_mb * 1024**2,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
+
+
 def start_engine(cfg=None, detached: bool | None = None, wait: bool = True, timeout: float = 300.0):
     """The StoryEngine handle in namespace `cfg.engine.namespace`: the running one, else a new one.
 
@@ -47,5 +74,6 @@ __all__ = [
     "StoryState",
     "StoryStatus",
     "get_engine",
+    "init_local_ray",
     "start_engine",
 ]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import secrets
 import shutil
@@ -87,11 +86,9 @@ def _mean(xs) -> float:
 
 
 def run(n_stories: int, n_generators: int, n_shots: int) -> dict:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from actors import start_engine
+    from actors import init_local_ray, start_engine
     from storymem.config import EngineConfig, StoryMemConfig
     from storymem.s3server import LocalS3Server
     from storymem.storage import S3Store
@@ -100,16 +97,7 @@ def run(n_stories: int, n_generators: int, n_shots: int) -> dict:
     server = LocalS3Server(work / "s3", access_key=f"bench-{secrets.token_hex(4)}")
     results: dict = {}
     with server:
-        ray.init(
-            address="local",
-            num_cpus=n_generators + 2,  # logical: generators 1 each, one scorer, slack
-            include_dashboard=False,
-            _temp_dir=str(work / "ray"),
-            _node_ip_address="127.0.0.1",
-            object_store_memory=500 * 1024**2,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-        )
+        init_local_ray(work / "ray", num_cpus=n_generators + 2)  # generators 1 each, one scorer, slack
         try:
             cfg = StoryMemConfig(
                 storage=server.storage_config("bench"),

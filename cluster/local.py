@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from storymem.s3server import port_free
+
 DEFAULT_DIR = ".storymem"
 APP_NAME = "storymem"
 _SOCKET_ROOM = 75  # Ray's session dir adds up to this much under --temp-dir; unix sockets stop at 107
@@ -90,16 +92,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def alive(pid: int | None) -> bool:

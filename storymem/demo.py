@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import logging
-import os
 import secrets
 import shutil
 import sys
@@ -72,12 +70,9 @@ def run_demo(story: Path, out: Path, data: Path, quiet: bool = False) -> int:
             print(f"{field}: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    # Without RAY_AUTH_MODE, ray.init writes ~/.ray/auth_token and later Ray CLI calls need it.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from actors import start_engine
+    from actors import init_local_ray, start_engine
     from storymem.config import EngineConfig, StoryMemConfig
     from storymem.s3server import LocalS3Server
     from storymem.storage import S3Store
@@ -87,15 +82,7 @@ def run_demo(story: Path, out: Path, data: Path, quiet: bool = False) -> int:
     ray_dir = tempfile.mkdtemp(prefix="storymem-ray-")  # short: Ray's socket paths are length-limited
     with server:
         print(f"S3 (SeaweedFS) at http://{server.endpoint}, data in {server.data_dir}", flush=True)
-        ray.init(
-            address="local",
-            include_dashboard=False,
-            _temp_dir=ray_dir,
-            _node_ip_address="127.0.0.1",
-            object_store_memory=500 * 1024**2,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-        )
+        init_local_ray(ray_dir)
         try:
             cfg = StoryMemConfig(
                 storage=server.storage_config("storymem"), engine=EngineConfig(namespace="storymem-demo")

@@ -46,7 +46,8 @@ def find_weed() -> str:
     )
 
 
-def _bindable(host: str, port: int) -> bool:
+def port_free(host: str, port: int) -> bool:
+    """Whether a TCP port can be bound on host now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -67,7 +68,7 @@ def _pick_ports(host: str, count: int, taken: set[int]) -> list[int]:
         p = rng.randrange(10000, 22000)
         if {p, p + _GRPC_OFFSET} & busy:
             continue
-        if _bindable(host, p) and _bindable(host, p + _GRPC_OFFSET):
+        if port_free(host, p) and port_free(host, p + _GRPC_OFFSET):
             chosen.append(p)
             busy |= {p, p + _GRPC_OFFSET}
     if len(chosen) == count:
@@ -151,7 +152,7 @@ class LocalS3Server:
     # -- lifecycle -----------------------------------------------------------------------------
     def _assign_ports(self) -> dict[str, int]:
         requested = self._requested_port
-        if requested is not None and not _bindable(self.host, requested):
+        if requested is not None and not port_free(self.host, requested):
             raise ValueError(f"port: {self.host}:{requested} is already in use")
         taken = set() if requested is None else {requested}
         picked = _pick_ports(self.host, len(_SERVICES) + 1, taken)

@@ -41,28 +41,16 @@ def s3_store(s3_server):
 @pytest.fixture(scope="session")
 def ray_local():
     """A private local Ray for the session: 4 logical CPUs, 300 MB object store, quiet, own temp dir."""
-    import logging
-    import os
     import shutil
     import tempfile
 
-    # Without this, ray.init writes ~/.ray/auth_token and later Ray CLI calls demand a token.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
+
+    from actors import init_local_ray
 
     # A short path: Ray's unix sockets live under it and socket paths are limited to 107 bytes.
     temp = tempfile.mkdtemp(prefix="ray-")
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        _temp_dir=temp,
-        _node_ip_address="127.0.0.1",
-        object_store_memory=300 * 1024**2,
-        logging_level=logging.WARNING,
-        log_to_driver=False,
-    )
+    init_local_ray(temp, num_cpus=4, object_store_mb=300)
     try:
         yield ray
     finally:

@@ -12,7 +12,7 @@ from storymem.local import run_story
 from storymem.memory import MemoryBank
 from storymem.pipeline import build_pipeline
 from storymem.scoring import Scorer
-from storymem.script import GenerationSettings, StoryRequest, load_script
+from storymem.script import GenerationSettings, load_script
 from storymem.stitch import probe_video, read_video
 from storymem.storage import LocalStore, StoryLayout
 from storymem.story import PipelineGenerator, StoryRunner, read_manifest
