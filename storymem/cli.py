@@ -137,25 +137,60 @@ def _read_settings(path: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# train and eval live beside their code; imported lazily so `validate` stays light.
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from storymem.train import add_train_parser
+
+    add_train_parser(sub)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from storymem.train import run_train
+
+    return run_train(args)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from storymem.evaluate import add_eval_parser
+
+    add_eval_parser(sub)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from storymem.evaluate import run_eval
+
+    return run_eval(args)
+
+
+# ----------------------------------------------------------------------------------------------
 
 COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
     "validate": (_add_validate, _cmd_validate),
     "run": (_add_run, _cmd_run),
+    "train": (_add_train, _cmd_train),
+    "eval": (_add_eval, _cmd_eval),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; `only` declares just that subcommand (train and eval import torch to
+    declare theirs, which `validate` should not pay for)."""
     parser = argparse.ArgumentParser(
         prog="storymem", description="StoryMem: multi-shot long video storytelling with memory."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add, _ in COMMANDS.values():
-        add(sub)
+    for name, (add, _) in COMMANDS.items():
+        if only is None or name == only:
+            add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     _, handler = COMMANDS[args.command]
     return handler(args)
 
