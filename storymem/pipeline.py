@@ -23,7 +23,6 @@ from diffusers.utils import BaseOutput
 from .m2v import ShotMode, build_condition, build_mask, install_memory_rope, memory_frames
 from .script import WAN_DEFAULT_NEGATIVE_PROMPT
 
-DEFAULT_NEGATIVE_PROMPT = WAN_DEFAULT_NEGATIVE_PROMPT  # transitional alias, see train.py
 
 StepCallback = Callable[[int, int], None]
 

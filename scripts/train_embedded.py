@@ -1,0 +1,218 @@
+"""Train the embedded tiny StoryMem models on the synthetic world and ship them.
+
+    .venv/bin/python scripts/train_embedded.py [--workdir DIR] [--out storymem/assets/tiny_m2v.safetensors]
+
+Stages (each skipped when its output is already in --workdir, so an interrupted run continues):
+1. render the training stories (storymem.toyworld, identities of the 'train' split only);
+2. train the tiny AutoencoderKLWan on reconstruction (a random one reconstructs nothing), then fold
+   its latent statistics into it so the pipeline's latent normalisation gives unit-scale latents;
+3. train both M2V experts from scratch with storymem.train (full fine-tuning, memory from other
+   shots of the same story, velocity loss on shot frames only); the text encoder stays frozen random;
+4. write the bundle (models.save_bundle format) to --out.
+Seeded: a rerun with the same arguments trains the same way (up to float nondeterminism).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+# Threads that spin while waiting lose badly on a shared 2-core machine; must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+import torch
+
+from storymem import models, toyworld
+from storymem.config import ModelConfig
+from storymem.models import TinyWanConfig
+from storymem.train import TrainConfig, Trainer, _Untied, fresh_copy, normalise_vae_latents, reinit_autoencoder, train_vae
+
+log = logging.getLogger("train_embedded")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/storymem-train-embedded"))
+    p.add_argument("--out", type=Path, default=models.EMBEDDED_BUNDLE)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stories", type=int, default=400, help="training stories")
+    p.add_argument("--shots", type=int, default=5, help="shots (clips) per training story")
+    p.add_argument("--vae-steps", type=int, default=500)
+    p.add_argument("--vae-long-steps", type=int, default=200, help="VAE steps on whole clips (phase 2)")
+    p.add_argument("--vae-lr", type=float, default=3e-3)
+    p.add_argument("--vae-batch", type=int, default=6)
+    p.add_argument("--steps", type=int, default=3500, help="transformer optimizer steps")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=4e-3)
+    p.add_argument("--max-memory", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1, help="1 beats 2 on a busy 2-core machine")
+    return p.parse_args(argv)
+
+
+def load_clips(manifest: Path) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    paths = pq.read_table(manifest).column("path").to_pylist()
+    return np.stack([np.load(manifest.parent / p) for p in paths])
+
+
+def stage_data(args, size) -> Path:
+    data = args.workdir / "data"
+    # The prompts are part of the data: a change of wording re-renders (the clips come out identical).
+    params = {"stories": args.stories, "shots": args.shots, "seed": args.seed, "sizes": list(toyworld.SIZES),
+              "prompt": toyworld.ToyShot("jumps", "blue", 0.3, 0.3, 0.3).prompt, "same_place": toyworld.SAME_PLACE_SHARE, **size}
+    marker = data / "params.json"
+    if marker.exists() and json.loads(marker.read_text()) == params:
+        return data / "manifest.parquet"
+    if data.exists():
+        shutil.rmtree(data)
+    t0 = time.perf_counter()
+    manifest = toyworld.write_training_set(
+        data, args.stories, args.shots, seed=args.seed, height=size["height"], width=size["width"], num_frames=size["num_frames"]
+    )
+    marker.write_text(json.dumps(params))
+    log.info("rendered %d clips in %.1fs", args.stories * args.shots, time.perf_counter() - t0)
+    return manifest
+
+
+def _vae_phase(args, vae, clips: np.ndarray, path: Path, steps: int, lr: float, batch: int, crop: tuple, tag: int) -> dict:
+    """One reconstruction phase on random crops (frames, height, width), cached in `path`."""
+    from safetensors.torch import load_file, save_file
+
+    if path.exists():
+        vae.load_state_dict(load_file(str(path)))
+        return {}
+    n, f, h, w, _ = clips.shape
+    crop_f, crop_h, crop_w = crop
+
+    def sample_batch(step: int) -> torch.Tensor:
+        rng = np.random.default_rng([args.seed, tag, step])
+        out = []
+        for i in rng.choice(n - 64, size=batch, replace=False):  # the last 64 clips are held out
+            t0, y0, x0 = rng.integers(0, f - crop_f + 1), rng.integers(0, h - crop_h + 1), rng.integers(0, w - crop_w + 1)
+            out.append(clips[i, t0 : t0 + crop_f, y0 : y0 + crop_h, x0 : x0 + crop_w])
+        x = torch.from_numpy(np.stack(out)).float() / 127.5 - 1.0  # (B, F, H, W, 3)
+        return x.permute(0, 4, 1, 2, 3).contiguous()
+
+    t0 = time.perf_counter()
+    losses = train_vae(vae, sample_batch, steps, lr=lr)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))
+    return {f"vae{tag}_seconds": round(time.perf_counter() - t0, 1), f"vae{tag}_last_loss": round(float(np.mean(losses[-20:])), 4)}
+
+
+def stage_vae(args, components, clips: np.ndarray) -> dict:
+    """Train the VAE in two phases, then fold its latent statistics into it.
+
+    Phase 1: 5-frame crops (the first frame and one 4-frame chunk: cheap, learns the spatial code);
+    phase 2: whole 13-frame clips, so that the causal encoder/decoder also learn the chunks that
+    follow a chunk (their cache comes from 4 frames, not from the first one)."""
+    vae = reinit_autoencoder(fresh_copy(components["vae"], args.seed + 100), args.seed + 100)
+    report = {}
+    report.update(_vae_phase(args, vae, clips, args.workdir / "vae_phase1.safetensors", args.vae_steps, args.vae_lr, args.vae_batch, (5, 40, 48), 7))
+    n_frames = clips.shape[1]
+    report.update(
+        _vae_phase(args, vae, clips, args.workdir / "vae_trained.safetensors", args.vae_long_steps, args.vae_lr * 0.7, 4, (n_frames, 40, 48), 8)
+    )
+    vae.eval().requires_grad_(False)
+    held = torch.from_numpy(clips[-64:]).float().div(127.5).sub(1.0).permute(0, 4, 1, 2, 3)
+    mean, std = normalise_vae_latents(vae, held)
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(held[:16]).latent_dist.mode()).sample
+    rec = ((recon.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    errs = [toyworld.identity_error(rec[i], clips[-64 + i])["colour"] for i in range(16)]
+    report.update(
+        vae_psnr_db=round(float(10 * np.log10(4.0 / float((recon - held[:16]).pow(2).mean()))), 2),
+        vae_identity_colour_error=round(float(np.mean(errs)), 4),
+        latent_std_before_fold=[round(float(s), 3) for s in std],
+    )
+    (args.workdir / "vae_report.json").write_text(json.dumps(report, indent=2))
+    log.info("vae: %s", report)
+    return {"vae": vae}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+    torch.set_num_threads(args.threads)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    tiny = TinyWanConfig()
+    size = {k: tiny.defaults[k] for k in ("height", "width", "num_frames")}
+    t_start = time.perf_counter()
+
+    manifest = stage_data(args, size)
+    clips = load_clips(manifest)
+    # The shipped bundle (if any) is irrelevant: VAE and transformers are re-initialised below, and the
+    # frozen text encoder is the seeded one either way.
+    components, _ = models.build_embedded(ModelConfig())
+    components.update(stage_vae(args, components, clips))
+    for k, name in enumerate(("transformer", "transformer_2")):
+        components[name] = fresh_copy(components[name], args.seed + k)
+    stage1 = args.workdir / "stage1.safetensors"
+    models.save_bundle({k: _Untied(v) if isinstance(v, torch.nn.Module) else v for k, v in components.items()}, stage1)
+    del clips
+
+    cfg = TrainConfig(
+        manifest=str(manifest),
+        output_dir=args.workdir / "m2v",
+        model=ModelConfig(embedded_weights=stage1, device="cpu"),
+        full=True,
+        experts="both",
+        high_noise_share=0.5,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        lr=args.lr,
+        warmup_steps=200,
+        schedule="cosine",
+        min_lr_ratio=0.05,
+        weight_decay=0.01,
+        min_memory=1,
+        max_memory=args.max_memory,
+        memory_candidates=4,
+        memory_dropout=0.1,
+        text_dropout=0.1,
+        memory_loss_weight=0.5,  # from scratch: learn to denoise the memory frames too (see TrainConfig)
+        # Half the samples are also conditioned on their own first frame (MI2V), as the Wan I2V base
+        # model was pretrained: carrying a conditioned frame's content to moving frames is the
+        # attention path that memory then uses; without it the from-scratch model ignores memory.
+        motion_prob=0.5,
+        seed=args.seed,
+        save_every=500,
+        log_every=50,
+        num_threads=args.threads,
+    )
+    trainer = Trainer(cfg)
+    t0 = time.perf_counter()
+    trainer.data.precompute(trainer.eligible, batch_size=32, motion=cfg.motion_prob > 0)
+    log.info("encoded %d clips in %.1fs", len(trainer.eligible), time.perf_counter() - t0)
+    val_steps = list(range(10**6, 10**6 + 8))
+    before = trainer.eval_loss(val_steps)
+    summary = trainer.train()
+    after = trainer.eval_loss(val_steps)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    shutil.copyfile(summary["outputs"]["embedded_weights"], tmp)
+    os.replace(tmp, args.out)  # readers never see a half-written bundle
+    report = {
+        "transformer_seconds": round(summary["seconds"], 1),
+        "steps": summary["final_step"],
+        "val_loss_before": round(before, 4),
+        "val_loss_after": round(after, 4),
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+        "bundle": str(args.out),
+        "bundle_mb": round(args.out.stat().st_size / 2**20, 2),
+    }
+    (args.workdir / "report.json").write_text(json.dumps(report, indent=2))
+    log.info("done: %s", report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
