@@ -172,7 +172,8 @@ def save_bundle(components: dict, path: str | Path) -> None:
         if module is None:
             continue
         for k, v in module.state_dict().items():
-            tensors[f"{part}.{k}"] = v.detach().to(torch.float32).contiguous()
+            # clone: tied weights (the text encoder's embeddings) share storage, which safetensors refuses
+            tensors[f"{part}.{k}"] = v.detach().to(torch.float32).contiguous().clone()
     save_file(tensors, str(path), metadata={"format": "storymem-embedded-v1"})
 
 
