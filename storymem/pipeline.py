@@ -27,6 +27,9 @@ from .script import WAN_DEFAULT_NEGATIVE_PROMPT
 StepCallback = Callable[[int, int], None]
 
 
+MEMORY_ENCODE_PIXELS = 2 * 832 * 480  # pixels of memory images per VAE encode call
+
+
 @dataclass
 class StoryMemPipelineOutput(BaseOutput):
     """frames: (F, H, W, 3) uint8 (or latents for output_type='latent'); timings in seconds per phase."""
@@ -123,8 +126,9 @@ class StoryMemPipeline(DiffusionPipeline):
     @torch.no_grad()
     def vae_encode(self, video: torch.Tensor) -> torch.Tensor:
         """(B, 3, N, H, W) in [-1, 1] -> normalised latents (B, z, n, h, w), the posterior mode."""
-        vae_device = self.vae.device
-        latents = self.vae.encode(video.to(vae_device, self.vae.dtype)).latent_dist.mode().float()
+        # The execution device, not self.vae.device: under model offload the VAE sits on the CPU until
+        # diffusers' encode/decode hook moves it, and that hook does not move the input.
+        latents = self.vae.encode(video.to(self._execution_device, self.vae.dtype)).latent_dist.mode().float()
         mean, inv_std = self._latent_norm(latents.device, latents.dtype)
         return (latents - mean) * inv_std
 
@@ -132,14 +136,17 @@ class StoryMemPipeline(DiffusionPipeline):
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         mean, inv_std = self._latent_norm(latents.device, torch.float32)
         latents = latents.float() / inv_std + mean
-        return self.vae.decode(latents.to(self.vae.device, self.vae.dtype), return_dict=False)[0].float().clamp(-1, 1)
+        return self.vae.decode(latents.to(self._execution_device, self.vae.dtype), return_dict=False)[0].float().clamp(-1, 1)
 
     def encode_memory(self, images: Sequence, height: int, width: int) -> torch.Tensor:
         """Each memory image resized to the shot size and encoded alone as a one-frame video:
         (1, z, M, h, w). A batch of one-frame videos equals encoding them one by one."""
         video = to_video_tensor(images, height, width)  # (3, M, H, W)
         batch = video.permute(1, 0, 2, 3).unsqueeze(2)  # (M, 3, 1, H, W)
-        latents = self.vae_encode(batch)  # (M, z, 1, h, w)
+        # A few images per VAE call: ten 832x480 images at once peak at ~15 GiB of activations, more
+        # than an 80 GB card has left beside both A14B experts and the text encoder (measured on H100).
+        chunk = max(1, MEMORY_ENCODE_PIXELS // (height * width))
+        latents = torch.cat([self.vae_encode(batch[i : i + chunk]) for i in range(0, batch.shape[0], chunk)])  # (M, z, 1, h, w)
         return latents.squeeze(2).permute(1, 0, 2, 3).unsqueeze(0)
 
     def encode_condition_video(self, motion, num_frames: int, height: int, width: int) -> torch.Tensor:
@@ -189,6 +196,7 @@ class StoryMemPipeline(DiffusionPipeline):
         num_inference_steps: int = 40,
         guidance_scale: float = 3.5,
         guidance_scale_2: float | None = None,
+        memory_guidance_scale: float = 1.0,
         shift: float = 4.0,
         seed: int | None = 0,
         generator: torch.Generator | None = None,
@@ -203,6 +211,9 @@ class StoryMemPipeline(DiffusionPipeline):
         mode: inferred when None (T2V without memory, M2V with memory, MI2V/MM2V with motion frames).
         step_callback(step, total) runs after every denoising step; an exception it raises stops the
         shot there (cancellation).
+        memory_guidance_scale: guidance on memory, s_m > 1 adds an extra pass without memory per step,
+        cond + (s_t - 1)(cond - uncond) + (s_m - 1)(cond - no_memory) on the shot frames; 1 (default)
+        is plain text CFG, as the released LoRA is used.
         """
         timings: dict[str, float] = {}
         memory = list(memory) if memory is not None else []
@@ -217,6 +228,8 @@ class StoryMemPipeline(DiffusionPipeline):
         high, low, conditioned = self._experts(mode)
         boundary = self.config.boundary_ratio if low is not None else None
         guidance_scale_2 = guidance_scale if guidance_scale_2 is None else guidance_scale_2
+        if memory_guidance_scale < 1.0:
+            raise ValueError(f"memory_guidance_scale: must be >= 1 (1 = off), got {memory_guidance_scale}")
         do_cfg = guidance_scale > 1.0 or (boundary is not None and guidance_scale_2 > 1.0)
 
         t0 = time.perf_counter()
@@ -231,12 +244,14 @@ class StoryMemPipeline(DiffusionPipeline):
         h, w = height // ss, width // ss
         f = (num_frames - 1) // ts + 1
         m = len(memory) if conditioned else 0
-        condition = None
+        condition = no_memory_condition = None
         if conditioned:
             mem_latents = self.encode_memory(memory, height, width) if m else None
             u = self.encode_condition_video(motion_frames if mode.motion_frames else None, num_frames, height, width)
             mask = build_mask(m, num_frames, h, w, mode, fix=fix, temporal_scale=ts)
             condition = build_condition(mem_latents, u, mask).to(device)
+            if m and memory_guidance_scale != 1.0:
+                no_memory_condition = build_condition(None, u, build_mask(0, num_frames, h, w, mode, fix=fix, temporal_scale=ts)).to(device)
         timings["encode"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -261,7 +276,18 @@ class StoryMemPipeline(DiffusionPipeline):
                     uncond = model(
                         hidden_states=x, timestep=timestep, encoder_hidden_states=negative_embeds, return_dict=False
                     )[0]
-                    noise = uncond + scale * (noise - uncond)
+                    guided = uncond + scale * (noise - uncond)
+                else:
+                    guided = noise
+                if no_memory_condition is not None:
+                    # The same shot latents seen without memory tokens (M = 0), as training's memory
+                    # dropout showed them; only the shot frames are guided.
+                    x0 = torch.cat([latents[:, :, m:], no_memory_condition], dim=1).to(model.dtype)
+                    with memory_frames(model, 0):
+                        plain = model(hidden_states=x0, timestep=timestep, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+                    shot = guided[:, :, m:] + (memory_guidance_scale - 1.0) * (noise[:, :, m:] - plain)
+                    guided = torch.cat([guided[:, :, :m], shot], dim=2)
+                noise = guided
                 latents = scheduler.step(noise.float(), t, latents, return_dict=False)[0]
                 if step_callback is not None:
                     step_callback(i + 1, total)

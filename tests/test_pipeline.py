@@ -15,7 +15,7 @@ SIZE = dict(height=32, width=48, num_frames=9, num_inference_steps=4, guidance_s
 @pytest.fixture(scope="module")
 def pipe():
     # Random weights (no bundle) so the tests do not depend on a trained file.
-    p, _ = build_pipeline(ModelConfig(embedded_weights=None))
+    p, _ = build_pipeline(ModelConfig(embedded_weights="random"))
     return p
 
 
@@ -50,12 +50,52 @@ def test_memory_changes_the_shot(pipe, shot):
     assert (a.frames - zero.frames).abs().mean() > 1e-2
 
 
+def test_memory_guidance_extrapolates_away_from_the_no_memory_prediction(pipe, shot):
+    """One sampler step (first order: affine in the model output) so the result is affine in the
+    memory guidance scale s: L(1) + L(3) = 2 L(2), and L(2) != L(1). Without memory s changes nothing;
+    with memory and text CFG each step runs three passes (cond, uncond, no memory)."""
+    mem = [shot[0], shot[-1]]
+    one = {**SIZE, "num_inference_steps": 1}
+    run = lambda s, **kw: pipe("the robot looks up", seed=3, output_type="latent", memory_guidance_scale=s, **one, **kw).frames
+    l1, l2, l3 = run(1.0, memory=mem), run(2.0, memory=mem), run(3.0, memory=mem)
+    assert (l2 - l1).abs().mean() > 1e-4
+    torch.testing.assert_close(l1 + l3, 2 * l2, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(run(1.0, mode="m2v"), run(3.0, mode="m2v"), rtol=0, atol=0)
+
+    calls = []
+    hooks = [t.register_forward_hook(lambda *a: calls.append(1)) for t in (pipe.transformer, pipe.transformer_2)]
+    try:
+        pipe("x", memory=mem, memory_guidance_scale=2.0, **SIZE)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(calls) == 3 * SIZE["num_inference_steps"]
+    with pytest.raises(ValueError, match="memory_guidance_scale"):
+        pipe("x", memory=mem, memory_guidance_scale=0.5, **SIZE)
+
+
+def test_memory_images_encoded_in_chunks_equal_one_batch(pipe, shot, monkeypatch):
+    import storymem.pipeline as pipeline_module
+
+    images = [shot[0], shot[4], shot[-1]]
+    whole = pipe.encode_memory(images, 32, 48)
+    monkeypatch.setattr(pipeline_module, "MEMORY_ENCODE_PIXELS", 32 * 48)  # one image per VAE call
+    calls = []
+    hook = pipe.vae.encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        chunked = pipe.encode_memory(images, 32, 48)
+    finally:
+        hook.remove()
+    assert len(calls) == 3 and chunked.shape == whole.shape == (1, pipe.vae.config.z_dim, 3, 8, 12)
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5)
+
+
 def test_memory_tokens_reach_shot_tokens_through_attention():
     """At the transformer: change only the memory latent frames of the input; the shot part of
     the prediction changes (memory reaches the shot through self-attention, not just by position)."""
     from storymem.m2v import memory_frames
 
-    components, _ = build_embedded(ModelConfig(embedded_weights=None))
+    components, _ = build_embedded(ModelConfig(embedded_weights="random"))
     t = StoryMemPipeline(**components).transformer
     m, f = 2, 3
     x = torch.randn(1, 36, m + f, 4, 6, generator=torch.Generator().manual_seed(0))
@@ -84,7 +124,7 @@ def test_bad_inputs_name_the_field(pipe, shot):
     with pytest.raises(ValueError, match="num_frames"):
         pipe("x", **{**SIZE, "num_frames": 10})
     with pytest.raises(ValueError, match="height/width"):
-        pipe("x", **{**SIZE, "height": 40})
+        pipe("x", **{**SIZE, "height": 36})
     with pytest.raises(ValueError, match="motion_frames"):
         pipe("x", memory=[shot[0]], motion_frames=shot[-3:], **SIZE)
 
@@ -106,7 +146,7 @@ def test_step_callback_can_stop_a_shot(pipe):
 
 
 def test_two_expert_switch_uses_both_models():
-    components, profile = build_embedded(ModelConfig(embedded_weights=None))
+    components, profile = build_embedded(ModelConfig(embedded_weights="random"))
     pipe = StoryMemPipeline(**components, boundary_ratio=0.9)
     calls = {"high": 0, "low": 0}
     pipe.transformer.register_forward_hook(lambda *a: calls.__setitem__("high", calls["high"] + 1))
@@ -117,7 +157,7 @@ def test_two_expert_switch_uses_both_models():
 
 
 def test_t2v_transformer_used_for_first_shot_when_present():
-    components, _ = build_embedded(ModelConfig(embedded_weights=None))
+    components, _ = build_embedded(ModelConfig(embedded_weights="random"))
     tiny = TinyWanConfig()
     torch.manual_seed(0)
     components["t2v_transformer"] = tiny_transformer(tiny, in_channels=tiny.z_dim).eval()
