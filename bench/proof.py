@@ -51,6 +51,7 @@ def generation_kwargs(profile) -> tuple[dict, int]:
         num_frames=s.num_frames,
         num_inference_steps=s.num_inference_steps,
         guidance_scale=s.guidance_scale,
+        memory_guidance_scale=s.memory_guidance_scale,
         shift=s.shift,
         fix=s.fix,
     )
@@ -165,7 +166,8 @@ def markdown(report: dict) -> str:
         f"Held-out stories from `storymem.toyworld` ({report['stories']} stories x {report['shots']} shots; the "
         "characters' shape, colours and pattern never occur in training and never in the prompts, which name "
         "only the action and the background). Every shot is made by the real `StoryMemPipeline` with the "
-        "shipped tiny bundle and the real memory bank. Lower error is better.",
+        f"shipped tiny bundle and the real memory bank (memory guidance scale {report['memory_guidance_scale']:g}, "
+        "text CFG as the model's defaults). Lower error is better.",
         "",
         "| first appearance | condition | colour error | shape error | identity match | character found | background error |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
@@ -211,6 +213,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "docs" / "proof.md")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers as JSON here")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--memory-guidance", type=float, default=None, help="memory guidance scale (default: the model's)")
     args = p.parse_args(argv)
 
     import torch
@@ -225,8 +228,11 @@ def main(argv=None) -> int:
         print("warning: no trained bundle found; the numbers are those of random weights", file=sys.stderr)
     scorer = Scorer(ScoringConfig(clip_model="tiny"))
     gen, max_memory = generation_kwargs(profile)
-    stories = toyworld.make_stories(args.stories, args.shots, args.seed, split="heldout")
     report = {"stories": args.stories, "shots": args.shots, "model": profile.name, "settings": {}}
+    if args.memory_guidance is not None:
+        gen["memory_guidance_scale"] = args.memory_guidance
+    report["memory_guidance_scale"] = gen["memory_guidance_scale"]
+    stories = toyworld.make_stories(args.stories, args.shots, args.seed, split="heldout")
     strip_runs = None
     for setting in args.settings:
         out = evaluate(pipe, scorer, stories, first=setting, gen=gen, max_memory=max_memory)

@@ -41,7 +41,7 @@ CONFIGS = {
 
 
 def run(name: str, tiny: TinyWanConfig, settings_over: dict | None, script, shots: int) -> dict:
-    components, profile = build_embedded(ModelConfig(embedded_weights=None) if settings_over else ModelConfig(), tiny)
+    components, profile = build_embedded(ModelConfig(embedded_weights="random") if settings_over else ModelConfig(), tiny)
     pipe = StoryMemPipeline(**components, boundary_ratio=profile.boundary, max_sequence_length=profile.max_sequence_length)
     pipe.set_progress_bar_config(disable=True)
     settings = GenerationSettings().resolve(settings_over or profile.defaults)

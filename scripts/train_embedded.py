@@ -6,9 +6,14 @@ Stages (each skipped when its output is already in --workdir, so an interrupted 
 1. render the training stories (storymem.toyworld, identities of the 'train' split only);
 2. train the tiny AutoencoderKLWan on reconstruction (a random one reconstructs nothing), then fold
    its latent statistics into it so the pipeline's latent normalisation gives unit-scale latents;
-3. train both M2V experts from scratch with storymem.train (full fine-tuning, memory from other
-   shots of the same story, velocity loss on shot frames only); the text encoder stays frozen random;
-4. write the bundle (models.save_bundle format) to --out.
+3. train the M2V transformer from scratch with storymem.train (full training, memory from other
+   shots of the same story, velocity loss on shot frames only, sigma uniform over the whole range);
+   the text encoder stays frozen random;
+4. write the bundle (models.save_bundle format) to --out, the transformer in both expert slots.
+
+One transformer serves both experts: at this size a model per half of the noise range would see
+half the data each for no gain, and the pipeline's two-expert switch still runs on the demo.
+--device cuda trains on a GPU (same recipe, bf16 autocast off: the model is tiny).
 Seeded: a rerun with the same arguments trains the same way (up to float nondeterminism).
 """
 
@@ -54,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=4e-3)
     p.add_argument("--max-memory", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="1 beats 2 on a busy 2-core machine")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     return p.parse_args(argv)
 
 
@@ -100,11 +106,11 @@ def _vae_phase(args, vae, clips: np.ndarray, path: Path, steps: int, lr: float, 
             t0, y0, x0 = rng.integers(0, f - crop_f + 1), rng.integers(0, h - crop_h + 1), rng.integers(0, w - crop_w + 1)
             out.append(clips[i, t0 : t0 + crop_f, y0 : y0 + crop_h, x0 : x0 + crop_w])
         x = torch.from_numpy(np.stack(out)).float() / 127.5 - 1.0  # (B, F, H, W, 3)
-        return x.permute(0, 4, 1, 2, 3).contiguous()
+        return x.permute(0, 4, 1, 2, 3).contiguous().to(args.device)
 
     t0 = time.perf_counter()
     losses = train_vae(vae, sample_batch, steps, lr=lr)
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))
+    save_file({k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}, str(path))
     return {f"vae{tag}_seconds": round(time.perf_counter() - t0, 1), f"vae{tag}_last_loss": round(float(np.mean(losses[-20:])), 4)}
 
 
@@ -114,7 +120,7 @@ def stage_vae(args, components, clips: np.ndarray) -> dict:
     Phase 1: 5-frame crops (the first frame and one 4-frame chunk: cheap, learns the spatial code);
     phase 2: whole 13-frame clips, so that the causal encoder/decoder also learn the chunks that
     follow a chunk (their cache comes from 4 frames, not from the first one)."""
-    vae = reinit_autoencoder(fresh_copy(components["vae"], args.seed + 100), args.seed + 100)
+    vae = reinit_autoencoder(fresh_copy(components["vae"], args.seed + 100), args.seed + 100).to(args.device)
     report = {}
     report.update(_vae_phase(args, vae, clips, args.workdir / "vae_phase1.safetensors", args.vae_steps, args.vae_lr, args.vae_batch, (5, 40, 48), 7))
     n_frames = clips.shape[1]
@@ -122,11 +128,11 @@ def stage_vae(args, components, clips: np.ndarray) -> dict:
         _vae_phase(args, vae, clips, args.workdir / "vae_trained.safetensors", args.vae_long_steps, args.vae_lr * 0.7, 4, (n_frames, 40, 48), 8)
     )
     vae.eval().requires_grad_(False)
-    held = torch.from_numpy(clips[-64:]).float().div(127.5).sub(1.0).permute(0, 4, 1, 2, 3)
+    held = torch.from_numpy(clips[-64:]).float().div(127.5).sub(1.0).permute(0, 4, 1, 2, 3).to(args.device)
     mean, std = normalise_vae_latents(vae, held)
     with torch.no_grad():
         recon = vae.decode(vae.encode(held[:16]).latent_dist.mode()).sample
-    rec = ((recon.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    rec = ((recon.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
     errs = [toyworld.identity_error(rec[i], clips[-64 + i])["colour"] for i in range(16)]
     report.update(
         vae_psnr_db=round(float(10 * np.log10(4.0 / float((recon - held[:16]).pow(2).mean()))), 2),
@@ -135,7 +141,7 @@ def stage_vae(args, components, clips: np.ndarray) -> dict:
     )
     (args.workdir / "vae_report.json").write_text(json.dumps(report, indent=2))
     log.info("vae: %s", report)
-    return {"vae": vae}
+    return {"vae": vae.cpu()}
 
 
 def main(argv=None) -> int:
@@ -151,7 +157,7 @@ def main(argv=None) -> int:
     clips = load_clips(manifest)
     # The shipped bundle (if any) is irrelevant: VAE and transformers are re-initialised below, and the
     # frozen text encoder is the seeded one either way.
-    components, _ = models.build_embedded(ModelConfig())
+    components, _ = models.build_embedded(ModelConfig(embedded_weights="random"))
     components.update(stage_vae(args, components, clips))
     for k, name in enumerate(("transformer", "transformer_2")):
         components[name] = fresh_copy(components[name], args.seed + k)
@@ -162,10 +168,10 @@ def main(argv=None) -> int:
     cfg = TrainConfig(
         manifest=str(manifest),
         output_dir=args.workdir / "m2v",
-        model=ModelConfig(embedded_weights=stage1, device="cpu"),
+        model=ModelConfig(embedded_weights=stage1, device=args.device),
         full=True,
-        experts="both",
-        high_noise_share=0.5,
+        experts="high",
+        boundary=0.0,  # the 'high' expert over sigma in [0, 1]: one transformer for the whole range
         batch_size=args.batch_size,
         steps=args.steps,
         lr=args.lr,
@@ -198,7 +204,9 @@ def main(argv=None) -> int:
     after = trainer.eval_loss(val_steps)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")
-    shutil.copyfile(summary["outputs"]["embedded_weights"], tmp)
+    components, _ = models.build_embedded(ModelConfig(embedded_weights=summary["outputs"]["embedded_weights"]))
+    components["transformer_2"].load_state_dict(components["transformer"].state_dict())
+    models.save_bundle(components, tmp)
     os.replace(tmp, args.out)  # readers never see a half-written bundle
     report = {
         "transformer_seconds": round(summary["seconds"], 1),

@@ -41,10 +41,11 @@ class ModelConfig(_Strict):
         description="M2V LoRA for the low-noise expert (backbone_low_noise.pth). For a single-transformer "
         "checkpoint only this one is used.",
     )
-    embedded_weights: Path | None = Field(
+    embedded_weights: Literal["random"] | Path | None = Field(
         None,
         description="Weights file for the embedded tiny models (a .safetensors bundle). None: the bundle "
-        "shipped in storymem/assets when present, else seeded random initialisation.",
+        "shipped in storymem/assets when present, else seeded random initialisation; 'random': seeded "
+        "random initialisation even when a bundle is shipped (tests of the mechanics, training from scratch).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "bfloat16", description="Compute dtype on GPU. On CPU float32 is always used."
@@ -52,8 +53,9 @@ class ModelConfig(_Strict):
     device: str = Field("auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:N'.")
     offload: Literal["none", "model", "sequential"] = Field(
         "none",
-        description="'model': keep only the running component on the GPU (the two 14B experts no longer "
-        "need to fit together); 'sequential': layer-by-layer offload, slowest, smallest footprint.",
+        description="'none': everything resident (Wan2.2 A14B: 75.3 GiB peak at 832x480x81, M=10, fits an "
+        "80 GB card); 'model': only the running component on the GPU (32.5 GiB peak, ~15% slower per shot: each "
+        "expert switch moves 26.7 GiB); 'sequential': layer-by-layer offload, slowest, smallest footprint. docs/gpu.md.",
     )
     boundary: float = Field(
         0.9,

@@ -40,18 +40,30 @@ class TinyWanConfig:
     text_layers: int = 2
     text_heads: int = 4
     max_sequence_length: int = 128
-    vae_base_dim: int = 8
+    vae_base_dim: int = 16
+    # 4x spatial (two downsampling stages) rather than Wan's 8x: at 64x48 an 8x latent is 8x6, too
+    # coarse for a tiny decoder to give a small character its colours back. Temporal stays 4x.
+    vae_dim_mult: tuple[int, ...] = (1, 2, 2)
+    vae_temporal_downsample: tuple[bool, ...] = (True, True)
     z_dim: int = 16
     heads: int = 2
-    head_dim: int = 24
-    layers: int = 2
-    ffn_dim: int = 96
+    head_dim: int = 32
+    layers: int = 4
+    ffn_dim: int = 256
     freq_dim: int = 64
     rope_max_seq_len: int = 64
     two_experts: bool = True
     # Generation settings the embedded profile uses when a story leaves them unset.
     defaults: dict = field(
-        default_factory=lambda: {"width": 64, "height": 48, "num_frames": 13, "num_inference_steps": 8, "guidance_scale": 2.0}
+        default_factory=lambda: {
+            "width": 64,
+            "height": 48,
+            "num_frames": 13,
+            "num_inference_steps": 8,
+            "guidance_scale": 2.0,
+            # trained with memory dropout, so the no-memory pass is in distribution (method.md's prototype)
+            "memory_guidance_scale": 2.0,
+        }
     )
 
 
@@ -130,9 +142,9 @@ def build_embedded(cfg: ModelConfig | None = None, tiny: TinyWanConfig | None = 
         vae = AutoencoderKLWan(
             base_dim=tiny.vae_base_dim,
             z_dim=tiny.z_dim,
-            dim_mult=[1, 1, 1, 1],
+            dim_mult=list(tiny.vae_dim_mult),
             num_res_blocks=1,
-            temperal_downsample=[False, True, True],
+            temperal_downsample=list(tiny.vae_temporal_downsample),
         )
         in_ch = 2 * tiny.z_dim + 4
         transformer = tiny_transformer(tiny, in_ch)
@@ -147,7 +159,10 @@ def build_embedded(cfg: ModelConfig | None = None, tiny: TinyWanConfig | None = 
         t2v_transformer_2=None,
         scheduler=make_scheduler(),
     )
-    bundle = cfg.embedded_weights or (EMBEDDED_BUNDLE if EMBEDDED_BUNDLE.exists() else None)
+    if cfg.embedded_weights == "random":
+        bundle = None
+    else:
+        bundle = cfg.embedded_weights or (EMBEDDED_BUNDLE if EMBEDDED_BUNDLE.exists() else None)
     if bundle is not None:
         load_bundle(components, bundle)
     profile = ModelProfile(

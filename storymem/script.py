@@ -143,6 +143,13 @@ class GenerationSettings(BaseModel):
     guidance_scale_2: float | None = Field(
         None, ge=0.0, le=30.0, description="Guidance scale of the low-noise expert. None: same as guidance_scale."
     )
+    memory_guidance_scale: float = Field(
+        1.0,
+        ge=1.0,
+        le=10.0,
+        description="Guidance on memory: > 1 adds a pass without memory per step and pushes the shot away "
+        "from it (stronger identity, ~50% more compute). 1: off (the released LoRA's setting).",
+    )
     shift: float = Field(4.0, gt=0.0, le=20.0, description="Flow-matching timestep shift of the scheduler.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Base seed; shot k (0-based) uses seed + k.")
     negative_prompt: str | None = Field(

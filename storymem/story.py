@@ -77,6 +77,7 @@ class ShotRequest:
             num_inference_steps=s["num_inference_steps"],
             guidance_scale=s["guidance_scale"],
             guidance_scale_2=s.get("guidance_scale_2"),
+            memory_guidance_scale=s.get("memory_guidance_scale", 1.0),  # absent in settings stored before it existed
             shift=s["shift"],
             seed=self.seed,
         )

@@ -30,7 +30,7 @@ def _script(cuts=(True, False, True), transition="mi2v"):
 
 @pytest.fixture(scope="module")
 def models():
-    cfg = StoryMemConfig(model=ModelConfig(embedded_weights=None))
+    cfg = StoryMemConfig(model=ModelConfig(embedded_weights="random"))
     pipe, _ = build_pipeline(cfg.model)
     return cfg, pipe, Scorer(cfg.scoring)
 
