@@ -60,6 +60,10 @@ def parse_args(argv=None):
     p.add_argument("--max-memory", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="1 beats 2 on a busy 2-core machine")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument(
+        "--time-budget", type=float, default=None,
+        help="seconds for the transformer stage: after 20 steps, --steps becomes what fits (the cosine follows)",
+    )
     return p.parse_args(argv)
 
 
@@ -200,6 +204,18 @@ def main(argv=None) -> int:
     log.info("encoded %d clips in %.1fs", len(trainer.eligible), time.perf_counter() - t0)
     val_steps = list(range(10**6, 10**6 + 8))
     before = trainer.eval_loss(val_steps)
+    if args.time_budget:
+        # Time steps 10..30: the first ones pay for warm-up (CUDA kernels, allocator), 3x slower on an H100.
+        t_start, warm, probe = time.perf_counter(), 10, 20
+        for _ in range(warm):
+            trainer.train_step()
+        t0 = time.perf_counter()
+        for _ in range(probe):
+            trainer.train_step()
+        per_step = (time.perf_counter() - t0) / probe
+        steps = max(warm + probe + 1, warm + probe + int((args.time_budget - (time.perf_counter() - t_start)) / per_step))
+        trainer.cfg = trainer.cfg.model_copy(update={"steps": steps})  # the LR schedule reads cfg.steps
+        log.info("%.3f s per step: %d steps fit in %.0f s", per_step, steps, args.time_budget)
     summary = trainer.train()
     after = trainer.eval_loss(val_steps)
     args.out.parent.mkdir(parents=True, exist_ok=True)

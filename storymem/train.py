@@ -895,8 +895,8 @@ def normalise_vae_latents(vae, videos: torch.Tensor) -> tuple[torch.Tensor, torc
     mu = vae.encode(videos).latent_dist.mode().float()
     m_emp = mu.transpose(0, 1).reshape(z, -1).mean(1)
     s_emp = mu.transpose(0, 1).reshape(z, -1).std(1).clamp_min(1e-6)
-    mean_d = torch.tensor(vae.config.latents_mean, dtype=torch.float32)
-    std_d = torch.tensor(vae.config.latents_std, dtype=torch.float32)
+    mean_d = torch.tensor(vae.config.latents_mean, dtype=torch.float32, device=mu.device)
+    std_d = torch.tensor(vae.config.latents_std, dtype=torch.float32, device=mu.device)
     a = std_d / s_emp
     b = mean_d - a * m_emp
     q, pq = vae.quant_conv, vae.post_quant_conv
