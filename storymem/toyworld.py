@@ -131,13 +131,27 @@ class ToyStory:
     def prompts(self) -> list[str]:
         return [s.prompt for s in self.shots]
 
-    def script(self) -> dict:
-        """The story as a flat StoryMem script (the identity is deliberately absent)."""
-        return {
+    def script(self, reference: bool = False, height: int = 48, width: int = 64) -> dict:
+        """The story as a flat StoryMem script (the identity is deliberately absent from the text).
+
+        reference: also give the character as a reference image (the middle frame of its first shot,
+        rendered, as base64 PNG), so that the story is customised (MR2V) to this character."""
+        script = {
             "story_name": self.story_id,
             "story_overview": "a character goes from place to place",
             "shots": [{"prompt": p, "cut": True} for p in self.prompts],
         }
+        if reference:
+            import base64
+            import io
+
+            from PIL import Image
+
+            frames = render_shot(self.character, self.shots[0], height, width)
+            buf = io.BytesIO()
+            Image.fromarray(frames[len(frames) // 2]).save(buf, format="PNG")
+            script["reference_images"] = [{"data": base64.b64encode(buf.getvalue()).decode()}]
+        return script
 
     def to_dict(self) -> dict:
         return {"story_id": self.story_id, "character": asdict(self.character), "shots": [asdict(s) for s in self.shots]}

@@ -1,5 +1,5 @@
-"""The synthetic world: rendering, identity hidden from prompts, held-out split, the pixel metric,
-and (small version of the proof) the shipped tiny model keeping a held-out character through memory."""
+"""The synthetic world: rendering, identity hidden from prompts, held-out split, the pixel metric.
+(The shipped tiny model keeping a held-out character through memory: tests/test_proof.py.)"""
 
 import re
 
@@ -8,6 +8,17 @@ import pytest
 
 from storymem import toyworld as tw
 
+
+def test_story_script_loads_and_its_reference_is_the_character():
+    from storymem.script import StoryScript
+
+    story = tw.make_stories(1, 4, seed=5, split="heldout")[0]
+    plain = StoryScript.model_validate(story.script())
+    assert [s.prompt for s in plain.shots] == story.prompts and not plain.reference_images
+    custom = StoryScript.model_validate(story.script(reference=True))
+    image = custom.reference_images[0].load()
+    np.testing.assert_array_equal(image, tw.render_shot(story.character, story.shots[0])[6])
+    assert tw.identity_error(image[None], tw.render_shot(story.character, story.shots[1]))["colour"] < 0.05
 
 
 def test_render_shapes_colours_and_determinism():
