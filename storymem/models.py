@@ -62,7 +62,7 @@ class TinyWanConfig:
             "num_inference_steps": 8,
             "guidance_scale": 2.0,
             # trained with memory dropout, so the no-memory pass is in distribution (method.md's prototype)
-            "memory_guidance_scale": 2.0,
+            "memory_guidance_scale": 3.0,
         }
     )
 
