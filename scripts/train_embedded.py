@@ -13,7 +13,7 @@ Stages (each skipped when its output is already in --workdir, so an interrupted 
 
 One transformer serves both experts: at this size a model per half of the noise range would see
 half the data each for no gain, and the pipeline's two-expert switch still runs on the demo.
---device cuda trains on a GPU (same recipe, bf16 autocast off: the model is tiny).
+--device cuda trains on a GPU (same recipe; the trainer autocasts the transformer to bf16 there).
 Seeded: a rerun with the same arguments trains the same way (up to float nondeterminism).
 """
 
@@ -62,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument(
         "--time-budget", type=float, default=None,
-        help="seconds for the transformer stage: after 20 steps, --steps becomes what fits (the cosine follows)",
+        help="seconds for the transformer stage: timed over steps 10..30, --steps becomes what fits (the cosine follows)",
     )
     return p.parse_args(argv)
 
