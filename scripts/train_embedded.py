@@ -37,7 +37,7 @@ import torch
 from storymem import models, toyworld
 from storymem.config import ModelConfig
 from storymem.models import TinyWanConfig
-from storymem.train import TrainConfig, Trainer, _Untied, fresh_copy, normalise_vae_latents, reinit_autoencoder, train_vae
+from storymem.train import TrainConfig, Trainer, fresh_copy, normalise_vae_latents, reinit_autoencoder, train_vae
 
 log = logging.getLogger("train_embedded")
 REPO = Path(__file__).resolve().parents[1]
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     for k, name in enumerate(("transformer", "transformer_2")):
         components[name] = fresh_copy(components[name], args.seed + k)
     stage1 = args.workdir / "stage1.safetensors"
-    models.save_bundle({k: _Untied(v) if isinstance(v, torch.nn.Module) else v for k, v in components.items()}, stage1)
+    models.save_bundle(components, stage1)
     del clips
 
     cfg = TrainConfig(

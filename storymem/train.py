@@ -342,17 +342,6 @@ def lora_scale(rank: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
-class _Untied:
-    """A module seen through a state dict of private copies: safetensors refuses tensors shared
-    between keys (the text encoder ties its input embeddings)."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in self.module.state_dict().items()}
-
-
 class M2VLoss(nn.Module):
     """Holds the expert(s) being trained; forward(batch) -> the summed per-sample flow-matching loss
     divided by the local batch size. One module, so that DDP wraps every expert at once."""
@@ -766,7 +755,7 @@ class Trainer:
                 selected["lora_low_noise" if single or name == "low" else "lora_high_noise"] = str(path.resolve())
         elif self.embedded:
             path = folder / "embedded.safetensors"
-            models.save_bundle({k: _Untied(v) if isinstance(v, nn.Module) else v for k, v in self.components.items()}, path)
+            models.save_bundle(self.components, path)
             selected["embedded_weights"] = str(path.resolve())
         else:
             for name, model in self.experts.items():
