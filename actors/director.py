@@ -132,6 +132,8 @@ class PooledGenerator:
             generator=meta["generator"],
             ref=FramesRef(frames_ref, len(frames)),
             generator_s=meta["generator_s"],
+            model=meta.get("model", ""),
+            notes=list(meta.get("notes", [])),
         )
 
 

@@ -82,7 +82,10 @@ class ShotGeneratorActor:
                     out = rest[0]
                     elapsed = time.perf_counter() - t0
                     yield out.frames
-                    yield {"mode": out.mode, "timings": out.timings, "generator": self.name, "generator_s": elapsed}
+                    yield {
+                        "mode": out.mode, "timings": out.timings, "generator": self.name, "generator_s": elapsed,
+                        "model": out.model, "notes": list(out.notes),
+                    }  # fmt: skip
                     return
         finally:
             if thread.is_alive():  # the stream was closed early: stop the shot at its next step

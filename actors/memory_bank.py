@@ -63,9 +63,9 @@ class MemoryBankActor:
     def describe(self, story: str) -> list[dict]:
         return self._bank(story).describe()
 
-    def update(self, story, shot, frames, embeddings, quality, cfg: MemoryConfig, tail_frames: int) -> list[int]:
+    def update(self, story, shot, frames, embeddings, quality, cfg: MemoryConfig, tail_frames: int, skip: int = 0) -> list[int]:
         bank = self._bank(story)
-        selected = bank.update(shot, frames, embeddings, quality, cfg, tail_frames=tail_frames)
+        selected = bank.update(shot, frames, embeddings, quality, cfg, tail_frames=tail_frames, skip=skip)
         # Ahead of the manifest until the director commits: `open` then compares with the state key.
         self.banks[story] = (bank, shot + 1, f"uncommitted:{shot}")
         return selected
@@ -121,9 +121,9 @@ class BankProxy:
     def describe(self) -> list[dict]:
         return self._call("describe")
 
-    def update(self, shot, frames, embeddings, quality, cfg, tail_frames: int) -> list[int]:
+    def update(self, shot, frames, embeddings, quality, cfg, tail_frames: int, skip: int = 0) -> list[int]:
         data = frames.ref if isinstance(frames, FramesRef) else frames
-        return self._call("update", shot, data, embeddings, quality, cfg, tail_frames)
+        return self._call("update", shot, data, embeddings, quality, cfg, tail_frames, skip)
 
     def to_bytes(self) -> bytes:
         return self._call("to_bytes")

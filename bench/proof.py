@@ -54,6 +54,8 @@ def generation_kwargs(profile) -> tuple[dict, int]:
         memory_guidance_scale=s.memory_guidance_scale,
         shift=s.shift,
         fix=s.fix,
+        memory_mask=s.memory_mask,  # the profile's: the shipped bundle was trained with window frames masked 2
+        sigma_schedule=s.sigma_schedule,
     )
     return gen, s.max_memory_size
 

@@ -187,7 +187,9 @@ def main(argv=None) -> int:
         max_memory=args.max_memory,
         memory_candidates=4,
         memory_dropout=0.1,
+        memory_mask="sink_window",  # the shipped bundle's training (the embedded profile samples with it)
         text_dropout=0.1,
+        uncond_prompts=[models.EMBEDDED_NEGATIVE_PROMPT, ""],  # the tiny tokenizer spells no Chinese
         memory_loss_weight=0.5,  # from scratch: learn to denoise the memory frames too (see TrainConfig)
         # Half the samples are also conditioned on their own first frame (MI2V), as the Wan I2V base
         # model was pretrained: carrying a conditioned frame's content to moving frames is the

@@ -13,7 +13,13 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+
+# The quality bar with real aesthetic weights: the lowest cut LAION published for its LAION-Aesthetics
+# V2 subsets (4.5+). The authors filter with HPSv3 >= 3.0 on another scale; both only drop clearly poor
+# frames (blur, black, broken ones): the paper's videos average ~6.1 here (aesthetic quality 0.6133 x 10).
+LAION_AESTHETIC_THRESHOLD = 4.5
 
 
 class _Strict(BaseModel):
@@ -63,6 +69,13 @@ class ModelConfig(_Strict):
         le=1.0,
         description="Expert switch: timesteps >= boundary * 1000 use the high-noise transformer.",
     )
+    t2v_boundary: float = Field(
+        0.875,
+        ge=0.0,
+        le=1.0,
+        description="Expert switch of the text-to-video pair (shot 1): timesteps >= t2v_boundary * 1000 use its "
+        "high-noise transformer. Default: the t2v folder's boundary_ratio (Wan2.2-T2V-A14B: 0.875) unless set here.",
+    )
     rope_shift: int = Field(
         5, ge=1, le=64, description="S: memory frame i of M gets temporal RoPE position -(M - i) * S."
     )
@@ -87,12 +100,20 @@ class MemoryConfig(_Strict):
     dedupe_threshold: float = Field(
         0.9, gt=0.0, le=1.0, description="Skip a keyframe whose similarity to a memory frame is above this."
     )
-    quality_threshold: float | None = Field(
-        None,
-        description="Aesthetic score a keyframe must reach. None: no filter (the default for random "
-        "scorer weights, whose scores mean nothing). When no frame of a shot passes, the best-scoring "
-        "frame is taken so that every shot leaves a trace in memory.",
+    quality_threshold: float | Literal["auto"] | None = Field(
+        "auto",
+        description="Aesthetic score a keyframe must reach; a shot where no frame reaches it adds no keyframe. "
+        f"'auto': {LAION_AESTHETIC_THRESHOLD} (LAION aesthetic predictor scale, about 1..10) when "
+        "scoring.aesthetic_weights is configured, else no filter (the embedded scorer's random head scores mean "
+        "nothing); StoryMemConfig resolves it, a MemoryConfig used alone filters nothing. None: no filter.",
     )
+
+    def resolved(self, scoring: "ScoringConfig") -> "MemoryConfig":
+        """A copy with 'auto' replaced by the threshold that fits this scorer."""
+        if self.quality_threshold != "auto":
+            return self
+        value = LAION_AESTHETIC_THRESHOLD if scoring.aesthetic_weights is not None else None
+        return self.model_copy(update={"quality_threshold": value})
 
 
 class ScoringConfig(_Strict):
@@ -104,6 +125,12 @@ class ScoringConfig(_Strict):
     )
     aesthetic_weights: Path | None = Field(
         None, description="Local LAION-style aesthetic MLP state dict on CLIP image embeddings."
+    )
+    image_resize: Literal["squash", "crop"] = Field(
+        "squash",
+        description="How a frame becomes CLIP's square input: 'squash' (the whole frame resized to it, no crop: "
+        "the authors' keyframe selection) or 'crop' (shortest side resized, centre crop: open_clip's and "
+        "VBench's transform, used by `storymem eval`).",
     )
     batch_size: int = Field(32, ge=1, le=1024, description="Frames per CLIP forward.")
     device: str = Field("cpu", description="Device for the scorer models.")
@@ -221,6 +248,13 @@ class StoryMemConfig(_Strict):
     storage: StorageConfig = Field(default_factory=StorageConfig.from_env)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig, validate_default=True)  # env token applies too
+
+    @model_validator(mode="after")
+    def _resolve_quality_threshold(self) -> "StoryMemConfig":
+        # One place knows both the scorer and the filter: 'auto' becomes a number (or no filter) here.
+        if self.memory.quality_threshold == "auto":
+            self.memory = self.memory.resolved(self.scoring)
+        return self
 
     @field_validator("service", mode="after")
     @classmethod

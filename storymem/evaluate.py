@@ -455,6 +455,8 @@ def run_eval(args: argparse.Namespace) -> int:
             )
             if v is not None
         }
+        if "image_resize" not in cfg.model_fields_set:
+            updates["image_resize"] = "crop"  # VBench's aesthetic metric sees centre crops
         if updates:
             cfg = cfg.model_validate({**cfg.model_dump(), **updates})
         folders = find_stories(args.stories)

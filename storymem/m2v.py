@@ -5,8 +5,8 @@ Three pieces turn a Wan image-to-video transformer into M2V (method.md, 'M2V con
 * `MemoryRotaryPosEmbed` replaces the transformer's rotary module so that the M memory latent
   frames placed before the shot get temporal positions -M*S, ..., -S and the shot 0..f-1.
   diffusers' own module slices a table of non-negative positions, so it cannot express this.
-* `build_mask` makes the 4-channel mask: 1 for memory-sink frames and conditioned frames, 2 for
-  window memory frames, 0 for frames to generate, laid out like Wan I2V's mask.
+* `build_mask` makes the 4-channel mask: 1 for memory frames and conditioned frames, 0 for frames
+  to generate, laid out like Wan I2V's mask (`MemoryMask.SINK_WINDOW`: window memory frames 2).
 * `build_condition` stacks [mask | memory latents, u] into the 20-channel (4 + z) condition that is
   concatenated to the noisy latent (36 channels for Wan's z = 16).
 
@@ -21,6 +21,8 @@ from enum import Enum
 import torch
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed, WanTransformer3DModel
+
+from .script import MemoryMask
 
 
 class ShotMode(str, Enum):
@@ -132,11 +134,16 @@ def memory_frames(transformer: WanTransformer3DModel, m: int):
         rope.num_memory_frames = previous
 
 
-def pixel_mask(num_memory: int, num_frames: int, mode: ShotMode | str, fix: int) -> torch.Tensor:
-    """The per-pixel-frame mask of M + F entries, before the temporal grouping."""
-    mode = ShotMode(mode)
+def pixel_mask(
+    num_memory: int, num_frames: int, mode: ShotMode | str, fix: int = 3, memory_mask: MemoryMask | str = MemoryMask.ONES
+) -> torch.Tensor:
+    """The per-pixel-frame mask of M + F entries, before the temporal grouping.
+
+    Memory frames are 1 (`MemoryMask.ONES`, the authors' released inference); with
+    `MemoryMask.SINK_WINDOW` those after the first `fix` (the window) are 2 instead."""
+    mode, memory_mask = ShotMode(mode), MemoryMask(memory_mask)
     mask = torch.ones(num_memory + num_frames)
-    if num_memory > fix:
+    if memory_mask == MemoryMask.SINK_WINDOW and num_memory > fix:
         mask[fix:num_memory] = 2.0
     mask[num_memory:] = 0.0
     k = mode.motion_frames
@@ -155,16 +162,18 @@ def build_mask(
     mode: ShotMode | str = ShotMode.M2V,
     fix: int = 3,
     temporal_scale: int = 4,
+    memory_mask: MemoryMask | str = MemoryMask.ONES,
 ) -> torch.Tensor:
     """The mask channels: (temporal_scale, M + f, h, w) with f = (F - 1) / temporal_scale + 1.
 
     The first M + 1 pixel-frame entries are repeated `temporal_scale` times because the causal VAE
     encodes each memory image and the first video frame on its own; then every group of
-    `temporal_scale` consecutive entries becomes the channels of one latent frame.
+    `temporal_scale` consecutive entries becomes the channels of one latent frame. `fix` matters
+    only with `memory_mask=SINK_WINDOW`.
     """
     if (num_frames - 1) % temporal_scale:
         raise ValueError(f"num_frames ({num_frames}) must be {temporal_scale}n+1")
-    m = pixel_mask(num_memory, num_frames, mode, fix)
+    m = pixel_mask(num_memory, num_frames, mode, fix, memory_mask)
     head = torch.repeat_interleave(m[: num_memory + 1], temporal_scale)
     m = torch.cat([head, m[num_memory + 1 :]])
     latent_frames = m.numel() // temporal_scale

@@ -2,7 +2,9 @@
 
 After every shot, a few keyframes (CLIP-distinct, good-quality frames) enter the bank. The bank holds
 at most `max_size` frames: the first `fix` ever added (the memory sink, usually the characters'
-first appearance or the reference images) plus the most recent ones (a sliding window).
+first appearance or the reference images) plus the most recent ones (a sliding window). It also
+keeps the embedding of every frame it was ever given, evicted ones too, so that a new keyframe
+too similar to anything the story saved before is skipped (as the authors' selection does).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 from .config import MemoryConfig
 
 SOURCES = ("keyframe", "reference")
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: + the embeddings of every frame ever added (history_*); 1 is still read
 
 
 def _normalise(x: np.ndarray, field: str) -> np.ndarray:
@@ -85,8 +87,9 @@ def select_keyframes(
     The first frame passing the quality filter starts the chain; each later passing frame whose cosine
     similarity to the last chosen one is below the threshold joins it. The threshold drops by
     `cfg.threshold_step` until at most `cfg.max_keyframes_per_shot` frames are chosen. Chosen frames
-    too similar (> `cfg.dedupe_threshold`) to a frame already in memory are then dropped; this applies
-    to the best-frame fallback as well, since a duplicate adds nothing to memory.
+    too similar (> `cfg.dedupe_threshold`) to any of `memory_embeddings` (every frame the story saved,
+    evicted ones included) are then dropped. When no frame passes the quality filter, none is chosen.
+    `cfg.quality_threshold` 'auto' not resolved against a scorer (see `MemoryConfig`) filters nothing.
     """
     emb = np.asarray(embeddings)
     if emb.ndim != 2:
@@ -96,7 +99,8 @@ def select_keyframes(
         return []
     emb = _normalise(emb, "embeddings")
 
-    if cfg.quality_threshold is None:
+    threshold_q = cfg.quality_threshold if isinstance(cfg.quality_threshold, (int, float)) else None
+    if threshold_q is None:
         passing = np.arange(n)
     else:
         if quality is None:
@@ -106,9 +110,9 @@ def select_keyframes(
             raise ValueError(f"quality: expected shape ({n},), got {q.shape}")
         if not np.all(np.isfinite(q)):
             raise ValueError("quality: contains NaN or infinite values")
-        passing = np.flatnonzero(q >= cfg.quality_threshold)
+        passing = np.flatnonzero(q >= threshold_q)
         if passing.size == 0:
-            passing = np.array([int(np.argmax(q))])
+            return []
 
     sim = emb @ emb.T
     cap = cfg.max_keyframes_per_shot
@@ -151,6 +155,9 @@ class MemoryBank:
         self.frames: list[MemoryFrame] = []
         # Last frame(s) of the previous shot, for cut=False successors (MI2V: 1, MM2V: 5).
         self.tail: np.ndarray | None = None
+        # Every frame ever added, evicted ones too: (shot, frame) and its embedding (for dedupe).
+        self.history: list[tuple[int, int]] = []
+        self._history_embeddings: list[np.ndarray] = []
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -171,6 +178,8 @@ class MemoryBank:
             elif f.embedding.shape[0] != dim:
                 raise ValueError(f"frames: embedding dimension {f.embedding.shape[0]} does not match memory's {dim}")
         self.frames.extend(frames)
+        self.history.extend((f.shot, f.frame) for f in frames)
+        self._history_embeddings.extend(f.embedding for f in frames)
         if len(self.frames) > self.max_size:
             window = self.max_size - self.fix
             recent = self.frames[len(self.frames) - window :] if window > 0 else []
@@ -200,8 +209,13 @@ class MemoryBank:
         quality: np.ndarray | None,
         cfg: MemoryConfig,
         tail_frames: int,
+        skip: int = 0,
     ) -> list[int]:
-        """Select a finished shot's keyframes against memory, add them, keep its tail; return indices."""
+        """Select a finished shot's keyframes, add them, keep its tail; return their frame indices.
+
+        Candidates are the frames after the first `skip` (the overlap frames a MI2V/MM2V shot repeats
+        from the previous one and the final video drops); indices count from the shot's first frame.
+        Keyframes are deduplicated against every frame this bank was ever given (`saved_embeddings`)."""
         frames = np.asarray(frames)
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
             raise ValueError(f"frames: expected (F, H, W, 3) uint8 with F >= 1, got {frames.shape} {frames.dtype}")
@@ -210,8 +224,12 @@ class MemoryBank:
             raise ValueError(f"embeddings: expected ({frames.shape[0]}, D), got shape {emb.shape}")
         if not isinstance(tail_frames, (int, np.integer)) or tail_frames < 0:
             raise ValueError(f"tail_frames: must be an integer >= 0, got {tail_frames!r}")
+        if not isinstance(skip, (int, np.integer)) or not 0 <= skip < frames.shape[0]:
+            raise ValueError(f"skip: must be an integer in [0, {frames.shape[0]}), got {skip!r}")
         emb = _normalise(emb, "embeddings")
-        selected = select_keyframes(emb, quality, self.embeddings() if self.frames else None, cfg)
+        q = None if quality is None else np.asarray(quality)[skip:]
+        saved = self.saved_embeddings() if self.history else None
+        selected = [i + int(skip) for i in select_keyframes(emb[skip:], q, saved, cfg)]
         self.add(
             [MemoryFrame(frames[i].copy(), emb[i], shot=int(shot), frame=i, source="keyframe") for i in selected]
         )
@@ -226,6 +244,12 @@ class MemoryBank:
         if not self.frames:
             return np.zeros((0, 0), dtype=np.float32)
         return np.stack([f.embedding for f in self.frames]).astype(np.float32, copy=False)
+
+    def saved_embeddings(self) -> np.ndarray:
+        """(K, D) float32: every frame ever added, evicted ones too, in the order they came."""
+        if not self._history_embeddings:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.stack(self._history_embeddings).astype(np.float32, copy=False)
 
     def describe(self) -> list[dict]:
         """What is in memory, without pixels."""
@@ -252,6 +276,9 @@ class MemoryBank:
             "frame_index": np.array([f.frame for f in self.frames], dtype=np.int64),
             "sources": np.array([f.source for f in self.frames], dtype="<U16"),
             "embeddings": self.embeddings(),
+            "history_shots": np.array([s for s, _ in self.history], dtype=np.int64),
+            "history_frames": np.array([f for _, f in self.history], dtype=np.int64),
+            "history_embeddings": self.saved_embeddings(),
             "has_tail": np.array(self.tail is not None),
             "tail": self.tail if self.tail is not None else np.zeros((0, 0, 0, 3), dtype=np.uint8),
         }
@@ -300,8 +327,9 @@ class MemoryBank:
         missing = [k for k in required if k not in a]
         if missing:
             raise ValueError(f"memory state: missing entries {missing}")
-        if int(a["version"]) != _FORMAT_VERSION:
-            raise ValueError(f"memory state: unsupported version {int(a['version'])}")
+        version = int(a["version"])
+        if version not in (1, _FORMAT_VERSION):
+            raise ValueError(f"memory state: unsupported version {version}")
         bank = cls(max_size=int(a["max_size"]), fix=int(a["fix"]))
         shots, idx, sources, emb = a["shots"], a["frame_index"], a["sources"], a["embeddings"]
         k = shots.shape[0]
@@ -317,6 +345,20 @@ class MemoryBank:
                 raise ValueError(f"memory state: missing image_{i}")
             frames.append(MemoryFrame(a[f"image_{i}"], emb[i], int(shots[i]), int(idx[i]), str(sources[i])))
         bank.frames = frames  # already within capacity; add() would re-run eviction needlessly
+        if version == 1:  # evicted frames were not kept then: the history starts with what memory holds
+            bank.history = [(f.shot, f.frame) for f in frames]
+            bank._history_embeddings = [f.embedding for f in frames]
+        else:
+            hs, hf, he = a.get("history_shots"), a.get("history_frames"), a.get("history_embeddings")
+            if hs is None or hf is None or he is None:
+                raise ValueError("memory state: missing history entries")
+            n = hs.shape[0]
+            if hf.shape != (n,) or he.ndim != 2 or he.shape[0] != n or he.dtype != np.float32:
+                raise ValueError("memory state: history metadata and embeddings disagree")
+            if n and k and he.shape[1] != emb.shape[1]:
+                raise ValueError("memory state: history embeddings differ in dimension from memory's")
+            bank.history = [(int(x), int(y)) for x, y in zip(hs, hf)]
+            bank._history_embeddings = [he[i] for i in range(n)]
         if bool(a["has_tail"]):
             tail = a["tail"]
             if tail.dtype != np.uint8 or tail.ndim != 4 or tail.shape[-1] != 3:

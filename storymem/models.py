@@ -20,6 +20,7 @@ import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
 
 from .config import ModelConfig
+from .script import WAN_NEGATIVE_PROMPT_EN
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,11 @@ EMBEDDED_SEED = 20251219
 # Character-level vocabulary of the embedded tokenizer: lower-case text, digits, punctuation.
 _CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,;:!?'\"-()/&%+=*#@$_[]<>"
 _SPECIALS = ["<pad>", "</s>", "<unk>"]
+
+# The negative prompt the shipped tiny bundle was trained with (its text dropout) and samples with:
+# Wan's default is Chinese, which the embedded character-level tokenizer cannot spell (every
+# character would be <unk>), so the embedded profile keeps an English rendering of it.
+EMBEDDED_NEGATIVE_PROMPT = WAN_NEGATIVE_PROMPT_EN
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,10 @@ class TinyWanConfig:
             "guidance_scale": 2.0,
             # trained with memory dropout, so the no-memory pass is in distribution (method.md's prototype)
             "memory_guidance_scale": 3.0,
+            # how the shipped bundle was trained (scripts/train_embedded.py): window memory frames masked 2,
+            # English negative prompt; the paper's defaults ('ones', Wan's Chinese prompt) are for real weights
+            "memory_mask": "sink_window",
+            "negative_prompt": EMBEDDED_NEGATIVE_PROMPT,
         }
     )
 
@@ -75,6 +85,8 @@ class ModelProfile:
     defaults: dict
     max_sequence_length: int
     boundary: float | None
+    t2v_boundary: float | None = None  # expert switch of the text-to-video pair; None: no T2V pair
+    has_t2v: bool = False  # a text-to-video model makes shot 1 (else the M2V model with empty memory)
 
 
 def embedded_tokenizer():
@@ -117,8 +129,9 @@ def make_scheduler(shift: float = 4.0) -> UniPCMultistepScheduler:
 def build_embedded(cfg: ModelConfig | None = None, tiny: TinyWanConfig | None = None, seed: int = EMBEDDED_SEED):
     """The embedded default: tiny text encoder, VAE and two M2V experts (36-channel input).
 
-    Shot 1 uses the M2V transformer with no memory and an empty condition (the tiny model is
-    trained with memory dropped for some samples, so that case is in distribution)."""
+    There is no separate text-to-video model: shot 1 uses the M2V transformer with no memory and an
+    empty condition (the tiny model is trained with memory dropped for some samples, so that case is
+    in distribution), and the shot's manifest record says so."""
     from transformers import UMT5Config, UMT5EncoderModel
 
     cfg = cfg or ModelConfig()
@@ -262,6 +275,15 @@ def load_local(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16):
     boundary = index.get("boundary_ratio", cfg.boundary) if transformer_2 is not None else None
     if boundary is not None:
         boundary = cfg.boundary if "boundary" in cfg.model_fields_set else boundary
+    t2v_boundary = None
+    if t2v_transformer_2 is not None:
+        t2v_boundary = _read_index(Path(cfg.t2v_path)).get("boundary_ratio", cfg.t2v_boundary)
+        t2v_boundary = cfg.t2v_boundary if "t2v_boundary" in cfg.model_fields_set else t2v_boundary
+    if t2v_transformer is None:
+        log.warning(
+            "model.t2v_path is not set: shot 1 of a story without reference images is made by the M2V model "
+            "with empty memory, not by Wan2.2-T2V as in the paper"
+        )
     components = dict(
         tokenizer=tokenizer,
         text_encoder=text_encoder.eval(),
@@ -272,5 +294,12 @@ def load_local(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16):
         t2v_transformer_2=t2v_transformer_2.eval() if t2v_transformer_2 is not None else None,
         scheduler=make_scheduler(),
     )
-    profile = ModelProfile(name=i2v.name, defaults={}, max_sequence_length=512, boundary=boundary)
+    profile = ModelProfile(
+        name=i2v.name,
+        defaults={},
+        max_sequence_length=512,
+        boundary=boundary,
+        t2v_boundary=t2v_boundary,
+        has_t2v=t2v_transformer is not None,
+    )
     return components, profile

@@ -3,17 +3,23 @@
 A diffusers `DiffusionPipeline` over Wan components: a UMT5 text encoder, the Wan VAE, the M2V
 transformer(s) (a Wan image-to-video model with the M2V LoRA; two experts for Wan2.2 A14B), an
 optional text-to-video transformer(s) for the first shot, and a UniPC flow-matching scheduler.
+
+Defaults follow the authors' released inference (docs/reference.md): Wan's sigma grid handed to
+diffusers' UniPC, every memory frame masked 1, Wan's negative prompt and prompt cleaning, and shot 1
+by the text-to-video model with its own shift, expert boundary and guidance.
 """
 
 from __future__ import annotations
 
 import contextlib
 import html
+import logging
 import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import ftfy
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -21,41 +27,80 @@ from diffusers import AutoencoderKLWan, DiffusionPipeline, UniPCMultistepSchedul
 from diffusers.utils import BaseOutput
 
 from .m2v import ShotMode, build_condition, build_mask, install_memory_rope, memory_frames
-from .script import WAN_DEFAULT_NEGATIVE_PROMPT
+from .script import WAN_DEFAULT_NEGATIVE_PROMPT, MemoryMask, SigmaSchedule
+
+log = logging.getLogger(__name__)
 
 
 StepCallback = Callable[[int, int], None]
 
 
 MEMORY_ENCODE_PIXELS = 2 * 832 * 480  # pixels of memory images per VAE encode call
+WAN_SIGMA_MAX = 0.999  # Wan's solver: the largest training sigma, 1 - 1/1000
+NO_T2V_NOTE = "no text-to-video model configured: shot made by the M2V model with empty memory"
 
 
 @dataclass
 class StoryMemPipelineOutput(BaseOutput):
-    """frames: (F, H, W, 3) uint8 (or latents for output_type='latent'); timings in seconds per phase."""
+    """frames: (F, H, W, 3) uint8 (or latents for output_type='latent'); timings in seconds per phase.
+    model: which transformers made the shot, 't2v' or 'm2v'; notes: what a reader of the result should
+    know (e.g. shot 1 asked for T2V but no text-to-video model is loaded)."""
 
     frames: np.ndarray | torch.Tensor
     mode: str = ""
     timings: dict = field(default_factory=dict)
+    model: str = ""
+    notes: list = field(default_factory=list)
 
 
-def _clean(text: str) -> str:
-    text = html.unescape(html.unescape(text))
+def prompt_clean(text: str) -> str:
+    """Wan's prompt cleaning: ftfy.fix_text (curly quotes become straight, mojibake is repaired),
+    HTML entities unescaped (twice, as Wan does), runs of whitespace collapsed."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return re.sub(r"\s+", " ", text).strip()
 
 
-def to_video_tensor(frames, height: int, width: int) -> torch.Tensor:
-    """uint8 (N, H, W, 3) / list of images -> float (3, N, height, width) in [-1, 1], bicubic resize."""
-    if isinstance(frames, torch.Tensor):
-        x = frames
+def wan_sigmas(num_inference_steps: int) -> np.ndarray:
+    """Wan's unshifted sigma grid, linspace(0.999, 0, n + 1)[:-1]; UniPC's set_timesteps shifts it."""
+    return np.linspace(WAN_SIGMA_MAX, 0.0, num_inference_steps + 1)[:-1].copy()
+
+
+def make_timesteps(scheduler: UniPCMultistepScheduler, num_inference_steps: int, shift: float, schedule, device=None):
+    """A copy of `scheduler` at `shift` with its timesteps set on the chosen sigma grid."""
+    scheduler = UniPCMultistepScheduler.from_config(scheduler.config, flow_shift=shift)
+    if SigmaSchedule(schedule) == SigmaSchedule.WAN:
+        scheduler.set_timesteps(device=device, sigmas=wan_sigmas(num_inference_steps))
     else:
-        x = torch.from_numpy(np.stack([np.asarray(f) for f in frames]) if isinstance(frames, (list, tuple)) else np.asarray(frames))
-    if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"frames must be (N, H, W, 3) RGB, got shape {tuple(x.shape)}")
-    x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    if x.shape[-2:] != (height, width):
-        x = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
-    return x.permute(1, 0, 2, 3)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+    return scheduler
+
+
+def _as_image(frame) -> torch.Tensor:
+    x = frame if isinstance(frame, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(frame))
+    if x.ndim != 3 or x.shape[-1] != 3:
+        raise ValueError(f"frames must be (H, W, 3) RGB images, got shape {tuple(x.shape)}")
+    return x
+
+
+def to_video_tensor(frames, height: int, width: int) -> torch.Tensor:
+    """uint8 (N, H, W, 3) / list of images of any sizes -> float (3, N, height, width) in [-1, 1].
+
+    Each image is resized (bicubic) to height x width on its own before they are stacked, so memory
+    images of different sizes (reference images, keyframes of an earlier size) are accepted."""
+    if isinstance(frames, (list, tuple)):
+        images = [_as_image(f) for f in frames]
+    else:
+        x = frames if isinstance(frames, torch.Tensor) else torch.from_numpy(np.asarray(frames))
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"frames must be (N, H, W, 3) RGB, got shape {tuple(x.shape)}")
+        images = [x]
+    out = []
+    for x in images:
+        x = (x if x.ndim == 4 else x[None]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        if x.shape[-2:] != (height, width):
+            x = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
+        out.append(x)
+    return torch.cat(out).permute(1, 0, 2, 3)
 
 
 class StoryMemPipeline(DiffusionPipeline):
@@ -75,7 +120,11 @@ class StoryMemPipeline(DiffusionPipeline):
         boundary_ratio: float | None = 0.9,
         rope_shift: int = 5,
         max_sequence_length: int = 512,
+        t2v_boundary_ratio: float | None = 0.875,
+        default_negative_prompt: str | None = None,
     ):
+        """boundary_ratio / t2v_boundary_ratio: expert switch of the M2V / T2V pair (timesteps >= ratio * 1000
+        use the high-noise expert). default_negative_prompt: used when a call gives none; None: Wan's."""
         super().__init__()
         self.register_modules(
             tokenizer=tokenizer,
@@ -89,7 +138,16 @@ class StoryMemPipeline(DiffusionPipeline):
         )
         if transformer_2 is None and t2v_transformer_2 is None:
             boundary_ratio = None
-        self.register_to_config(boundary_ratio=boundary_ratio, rope_shift=rope_shift, max_sequence_length=max_sequence_length)
+        if t2v_transformer_2 is None:
+            t2v_boundary_ratio = None
+        self.register_to_config(
+            boundary_ratio=boundary_ratio,
+            rope_shift=rope_shift,
+            max_sequence_length=max_sequence_length,
+            t2v_boundary_ratio=t2v_boundary_ratio,
+            default_negative_prompt=default_negative_prompt,
+        )
+        self._warned_no_t2v = False
         for t in (transformer, transformer_2):
             if t is not None:
                 install_memory_rope(t, rope_shift)
@@ -102,7 +160,7 @@ class StoryMemPipeline(DiffusionPipeline):
         """UMT5 hidden states, zero beyond each prompt's length (as Wan was trained)."""
         n = max_sequence_length or self.config.max_sequence_length
         tokens = self.tokenizer(
-            [_clean(p) for p in prompts],
+            [prompt_clean(p) for p in prompts],
             padding="max_length",
             max_length=n,
             truncation=True,
@@ -190,6 +248,7 @@ class StoryMemPipeline(DiffusionPipeline):
         motion_frames=None,
         mode: ShotMode | str | None = None,
         fix: int = 3,
+        memory_mask: MemoryMask | str = MemoryMask.ONES,
         height: int = 480,
         width: int = 832,
         num_frames: int = 81,
@@ -198,6 +257,10 @@ class StoryMemPipeline(DiffusionPipeline):
         guidance_scale_2: float | None = None,
         memory_guidance_scale: float = 1.0,
         shift: float = 4.0,
+        sigma_schedule: SigmaSchedule | str = SigmaSchedule.WAN,
+        t2v_shift: float = 12.0,
+        t2v_guidance_scale: float | None = None,
+        t2v_guidance_scale_2: float | None = None,
         seed: int | None = 0,
         generator: torch.Generator | None = None,
         max_sequence_length: int | None = None,
@@ -214,6 +277,12 @@ class StoryMemPipeline(DiffusionPipeline):
         memory_guidance_scale: guidance on memory, s_m > 1 adds an extra pass without memory per step,
         cond + (s_t - 1)(cond - uncond) + (s_m - 1)(cond - no_memory) on the shot frames; 1 (default)
         is plain text CFG, as the released LoRA is used.
+        memory_mask: mask value of memory frames (MemoryMask; 'ones' as the authors' released inference).
+        sigma_schedule: 'wan' (Wan's solver grid, the default) or 'diffusers' (UniPC's own flow grid).
+        t2v_shift / t2v_guidance_scale(_2): sampling of a T2V shot made by the text-to-video model
+        (shift 12 and boundary 0.875 for Wan2.2-T2V-A14B; guidance None: guidance_scale(_2)). Without a
+        text-to-video model, a T2V shot is made by the M2V model with empty memory and M2V sampling,
+        and the output's `notes` say so.
         """
         timings: dict[str, float] = {}
         memory = list(memory) if memory is not None else []
@@ -226,14 +295,29 @@ class StoryMemPipeline(DiffusionPipeline):
             raise ValueError(f"height/width: must be multiples of {multiple}, got {height}x{width}")
         device = self._execution_device
         high, low, conditioned = self._experts(mode)
-        boundary = self.config.boundary_ratio if low is not None else None
         guidance_scale_2 = guidance_scale if guidance_scale_2 is None else guidance_scale_2
+        notes: list[str] = []
+        if conditioned:
+            boundary = self.config.boundary_ratio if low is not None else None
+            if mode == ShotMode.T2V:
+                notes.append(NO_T2V_NOTE)
+                if not self._warned_no_t2v:
+                    log.warning("%s (set model.t2v_path for the paper's shot 1)", NO_T2V_NOTE)
+                    self._warned_no_t2v = True
+        else:  # the text-to-video model, with its own sampling
+            boundary = self.config.t2v_boundary_ratio if low is not None else None
+            shift = t2v_shift
+            if t2v_guidance_scale is not None:
+                guidance_scale = t2v_guidance_scale
+                guidance_scale_2 = t2v_guidance_scale if t2v_guidance_scale_2 is None else t2v_guidance_scale_2
         if memory_guidance_scale < 1.0:
             raise ValueError(f"memory_guidance_scale: must be >= 1 (1 = off), got {memory_guidance_scale}")
         do_cfg = guidance_scale > 1.0 or (boundary is not None and guidance_scale_2 > 1.0)
 
         t0 = time.perf_counter()
-        neg = WAN_DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
+        if negative_prompt is None:
+            negative_prompt = self.config.default_negative_prompt or WAN_DEFAULT_NEGATIVE_PROMPT
+        neg = negative_prompt
         embeds = self.encode_prompt([prompt, neg] if do_cfg else [prompt], max_sequence_length)
         dtype = high.dtype
         prompt_embeds = embeds[:1].to(device, dtype)
@@ -248,7 +332,7 @@ class StoryMemPipeline(DiffusionPipeline):
         if conditioned:
             mem_latents = self.encode_memory(memory, height, width) if m else None
             u = self.encode_condition_video(motion_frames if mode.motion_frames else None, num_frames, height, width)
-            mask = build_mask(m, num_frames, h, w, mode, fix=fix, temporal_scale=ts)
+            mask = build_mask(m, num_frames, h, w, mode, fix=fix, temporal_scale=ts, memory_mask=memory_mask)
             condition = build_condition(mem_latents, u, mask).to(device)
             if m and memory_guidance_scale != 1.0:
                 no_memory_condition = build_condition(None, u, build_mask(0, num_frames, h, w, mode, fix=fix, temporal_scale=ts)).to(device)
@@ -259,8 +343,7 @@ class StoryMemPipeline(DiffusionPipeline):
             generator = torch.Generator("cpu").manual_seed(0 if seed is None else int(seed))
         z = self.vae.config.z_dim
         latents = torch.randn((1, z, m + f, h, w), generator=generator, dtype=torch.float32).to(device)
-        scheduler = UniPCMultistepScheduler.from_config(self.scheduler.config, flow_shift=shift)
-        scheduler.set_timesteps(num_inference_steps, device=device)
+        scheduler = make_timesteps(self.scheduler, num_inference_steps, shift, sigma_schedule, device=device)
         boundary_t = None if boundary is None else boundary * scheduler.config.num_train_timesteps
         total = len(scheduler.timesteps)
         with memory_frames(high, m), (memory_frames(low, m) if low is not None else contextlib.nullcontext()):
@@ -294,17 +377,18 @@ class StoryMemPipeline(DiffusionPipeline):
         timings["denoise"] = time.perf_counter() - t0
 
         shot_latents = latents[:, :, m:]  # the memory part of the result is discarded
+        made_by = "m2v" if conditioned else "t2v"
         if output_type == "latent":
             self.maybe_free_model_hooks()
-            return StoryMemPipelineOutput(frames=shot_latents, mode=mode.value, timings=timings)
+            return StoryMemPipelineOutput(frames=shot_latents, mode=mode.value, timings=timings, model=made_by, notes=notes)
         t0 = time.perf_counter()
         video = self.vae_decode(shot_latents)[0]  # (3, F, H, W)
         timings["decode"] = time.perf_counter() - t0
         self.maybe_free_model_hooks()
         if output_type == "pt":
-            return StoryMemPipelineOutput(frames=video, mode=mode.value, timings=timings)
+            return StoryMemPipelineOutput(frames=video, mode=mode.value, timings=timings, model=made_by, notes=notes)
         frames = ((video.permute(1, 2, 3, 0) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
-        return StoryMemPipelineOutput(frames=frames, mode=mode.value, timings=timings)
+        return StoryMemPipelineOutput(frames=frames, mode=mode.value, timings=timings, model=made_by, notes=notes)
 
 
 def build_pipeline(cfg=None):
@@ -339,6 +423,8 @@ def build_pipeline(cfg=None):
         boundary_ratio=profile.boundary,
         rope_shift=cfg.rope_shift,
         max_sequence_length=profile.max_sequence_length,
+        t2v_boundary_ratio=profile.t2v_boundary,
+        default_negative_prompt=profile.defaults.get("negative_prompt"),
     )
     pipe.set_progress_bar_config(disable=True)
     if device.type == "cuda" and cfg.offload == "model":

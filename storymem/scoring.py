@@ -181,10 +181,17 @@ class Scorer:
             return int(self.model.encode_image(dummy).shape[-1])
 
     def _preprocess(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, H, W, 3) -> normalised (B, 3, S, S): shortest side to S (bicubic), centre crop."""
+        """uint8 (B, H, W, 3) -> normalised (B, 3, S, S), then open_clip's mean/std.
+
+        'squash' (default, as the authors select keyframes): the whole frame resized to S x S (bicubic,
+        antialiased), nothing cropped away. 'crop': shortest side to S, centre crop (open_clip's transform)."""
         x = batch.to(self.device).permute(0, 3, 1, 2).float() / 255.0
         th, tw = self.image_size
         h, w = x.shape[-2:]
+        if self.cfg.image_resize == "squash":
+            if (h, w) != (th, tw):
+                x = F.interpolate(x, size=(th, tw), mode="bicubic", align_corners=False, antialias=True)
+            return (x.clamp_(0.0, 1.0) - self._mean) / self._std
         # Sizes and offsets round as torchvision's Resize/CenterCrop do, matching open_clip's transform.
         if th / h >= tw / w:
             nh, nw = th, max(tw, int(w * th / h))

@@ -47,9 +47,18 @@ MAX_IMAGE_BYTES = 8 * 1024 * 1024
 MAX_IMAGE_SIDE = 8192
 IMAGE_FORMATS = ("PNG", "JPEG")
 
-# Artefacts steered away from in the negative CFG branch, in the spirit of Wan's default negative
-# prompt (which is written in Chinese); used whenever a story leaves `negative_prompt` unset.
+# Wan's default negative prompt, verbatim (sample_neg_prompt of Wan2.1/Wan2.2's shared config,
+# 137 characters); the authors' driver uses it for every shot whose negative prompt is unset.
 WAN_DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，"
+    "最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，"
+    "画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，"
+    "杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+# An English rendering of it: the default of the embedded tiny model (its character-level tokenizer
+# spells no Chinese; storymem.models) and of stories recorded before manifest version 2.
+WAN_NEGATIVE_PROMPT_EN = (
     "oversaturated colours, overexposed, static, motionless, blurry details, subtitles, captions, "
     "text, watermark, logo, painting, still picture, greyish overall tone, worst quality, low quality, "
     "jpeg artifacts, compression noise, ugly, mutilated, deformed, disfigured, extra fingers, "
@@ -119,6 +128,20 @@ class TransitionMode(str, Enum):
     MM2V = "mm2v"  # condition on the last 5 frames, drop the first 5
 
 
+class MemoryMask(str, Enum):
+    """Mask value of the memory frames in the M2V condition (method.md, 'Mask')."""
+
+    ONES = "ones"  # every memory frame 1: what the authors' released inference does
+    SINK_WINDOW = "sink_window"  # the first `fix` frames 1, later (window) frames 2: an untested reference option
+
+
+class SigmaSchedule(str, Enum):
+    """Where the sampler's noise levels come from, before the shift."""
+
+    WAN = "wan"  # Wan's own UniPC solver: linspace(0.999, 0, n + 1)[:-1]
+    DIFFUSERS = "diffusers"  # diffusers' use_flow_sigmas grid: linspace(1, 1/1000, n + 1)[:-1]
+
+
 def _four_n_plus_one(v: int) -> int:
     if (v - 1) % 4:
         raise ValueError(f"must be 4n+1 (5, 9, ..., 81, ...) so the VAE's 4x temporal compression fits; got {v}")
@@ -160,12 +183,60 @@ class GenerationSettings(BaseModel):
     )
     max_memory_size: int = Field(10, ge=1, le=64, description="Memory bank capacity in keyframes.")
     fix: int = Field(3, ge=0, le=64, description="Memory sink: the first `fix` keyframes are never evicted.")
+    memory_mask: MemoryMask = Field(
+        MemoryMask.ONES,
+        description="Mask value of memory frames: 'ones' (every memory frame 1, the authors' released inference) "
+        "or 'sink_window' (frames after the first `fix` get 2, an option of the reference code its driver never uses).",
+    )
+    sigma_schedule: SigmaSchedule = Field(
+        SigmaSchedule.WAN,
+        description="Noise levels before the shift: 'wan' (Wan's solver, linspace(0.999, 0, n+1)[:-1]) or "
+        "'diffusers' (diffusers' flow grid, linspace(1, 1/1000, n+1)[:-1]). At 40 steps, shift 4, 28 of the 40 "
+        "integer timesteps differ by up to 4.",
+    )
+    t2v_shift: float = Field(
+        12.0, gt=0.0, le=20.0, description="Timestep shift of shot 1 when a text-to-video model makes it (Wan2.2-T2V-A14B: 12)."
+    )
+    t2v_guidance_scale: float | None = Field(
+        None,
+        ge=0.0,
+        le=30.0,
+        description="Guidance scale of the text-to-video model (both experts). None: guidance_scale / guidance_scale_2, "
+        "as the authors' driver passes its one value (3.5) to T2V and M2V alike.",
+    )
+    size_from_reference: bool | None = Field(
+        None,
+        description="With reference images: the shots take the first reference's aspect ratio at the area "
+        "width x height (each side rounded to a multiple of 16). None: true unless the story sets width or height.",
+    )
 
     @model_validator(mode="after")
     def _fix_within_bank(self) -> "GenerationSettings":
         if self.fix > self.max_memory_size:
             raise _error_at(("fix",), f"must be at most max_memory_size ({self.max_memory_size}); got {self.fix}")
+        if self.size_from_reference is None:
+            # Derived, not set: stored in __dict__ so exclude_unset dumps (requests, digests) leave it out
+            # and a re-validation derives it again from the fields that were set.
+            self.__dict__["size_from_reference"] = not ({"width", "height"} & self.model_fields_set)
         return self
+
+    def fit_reference(self, reference_height: int, reference_width: int) -> "GenerationSettings":
+        """A copy sized to the first reference image when `size_from_reference` (else self).
+
+        Area width x height, aspect ratio of the reference, each side rounded to a multiple of 16 and
+        kept within the width/height limits: 832x480 becomes 480x832 for a portrait reference."""
+        if not self.size_from_reference or reference_height <= 0 or reference_width <= 0:
+            return self
+        area, aspect = self.width * self.height, reference_height / reference_width
+        limits = type(self).model_fields["width"].metadata
+        lo = next(m.ge for m in limits if hasattr(m, "ge"))
+        hi = next(m.le for m in limits if hasattr(m, "le"))
+
+        def snap(x: float) -> int:
+            return int(min(hi, max(lo, round(x / 16) * 16)))
+
+        height, width = snap((area * aspect) ** 0.5), snap((area / aspect) ** 0.5)
+        return self.model_copy(update={"height": height, "width": width})
 
     @staticmethod
     def default_negative_prompt() -> str:
@@ -178,6 +249,13 @@ class GenerationSettings(BaseModel):
     @property
     def effective_guidance_scale_2(self) -> float:
         return self.guidance_scale if self.guidance_scale_2 is None else self.guidance_scale_2
+
+    @property
+    def effective_t2v_guidance_scales(self) -> tuple[float, float]:
+        """(high-noise, low-noise) guidance of the text-to-video model."""
+        if self.t2v_guidance_scale is not None:
+            return self.t2v_guidance_scale, self.t2v_guidance_scale
+        return self.guidance_scale, self.effective_guidance_scale_2
 
     def resolve(self, defaults: dict) -> "GenerationSettings":
         """A copy where every field the user did not set takes `defaults[field]` when present.

@@ -26,13 +26,16 @@ from pydantic import BaseModel, Field
 from .config import MemoryConfig
 from .memory import MemoryBank
 from .progress import EventSink, Phase, ProgressEvent
-from .script import GenerationSettings, StoryScript, TransitionMode
+from .script import WAN_NEGATIVE_PROMPT_EN, GenerationSettings, StoryScript, TransitionMode
 from .stitch import encode_video, overlap_frames, read_video, stitch_files
 from .storage import ArtifactStore, StorageUnavailable, StoryLayout
 
 log = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+# What settings absent from a version-1 manifest meant then, so that resuming such a story keeps
+# making its shots as it began them (version 2 made the authors' inference the default).
+_V1_SETTINGS = {"memory_mask": "sink_window", "sigma_schedule": "diffusers", "size_from_reference": False}
 
 
 class StoryCancelled(Exception):
@@ -50,35 +53,43 @@ class StoryInterrupted(Exception):
 
 @dataclass
 class ShotRequest:
-    """Everything a generator needs for one shot; plain data, so it crosses process boundaries."""
+    """Everything a generator needs for one shot; plain data (the settings a pydantic object), so it
+    pickles across process boundaries."""
 
     story: str
     index: int
     prompt: str
     mode: str
     seed: int
-    settings: dict
+    settings: GenerationSettings
     memory: list[np.ndarray] = field(default_factory=list)
     motion_frames: np.ndarray | None = None
     fix: int = 3
 
     def pipeline_kwargs(self) -> dict:
+        """StoryMemPipeline keyword arguments of this shot."""
         s = self.settings
+        if not isinstance(s, GenerationSettings):
+            raise TypeError(f"settings: expected GenerationSettings, got {type(s).__name__}")
         return dict(
             prompt=self.prompt,
-            negative_prompt=s.get("negative_prompt"),
+            negative_prompt=s.negative_prompt,
             memory=self.memory,
             motion_frames=self.motion_frames,
             mode=self.mode,
             fix=self.fix,
-            height=s["height"],
-            width=s["width"],
-            num_frames=s["num_frames"],
-            num_inference_steps=s["num_inference_steps"],
-            guidance_scale=s["guidance_scale"],
-            guidance_scale_2=s.get("guidance_scale_2"),
-            memory_guidance_scale=s.get("memory_guidance_scale", 1.0),  # absent in settings stored before it existed
-            shift=s["shift"],
+            memory_mask=s.memory_mask,
+            height=s.height,
+            width=s.width,
+            num_frames=s.num_frames,
+            num_inference_steps=s.num_inference_steps,
+            guidance_scale=s.guidance_scale,
+            guidance_scale_2=s.guidance_scale_2,
+            memory_guidance_scale=s.memory_guidance_scale,
+            shift=s.shift,
+            sigma_schedule=s.sigma_schedule,
+            t2v_shift=s.t2v_shift,
+            t2v_guidance_scale=s.t2v_guidance_scale,
             seed=self.seed,
         )
 
@@ -97,6 +108,8 @@ class ShotResult:
     ref: object | None = None
     queue_s: float = 0.0  # waiting for a free generator (pooled generators)
     generator_s: float | None = None  # the generator's own wall time for the successful attempt
+    model: str = ""  # which transformers made it: "t2v" or "m2v"
+    notes: list[str] = field(default_factory=list)  # facts a reader should know (e.g. no T2V model)
 
 
 StepCallback = Callable[[int, int], None]
@@ -119,7 +132,9 @@ class PipelineGenerator:
 
     def generate(self, request: ShotRequest, step_callback: StepCallback | None = None) -> ShotResult:
         out = self.pipe(**request.pipeline_kwargs(), step_callback=step_callback)
-        return ShotResult(frames=out.frames, mode=out.mode, timings=out.timings, generator=self.name)
+        return ShotResult(
+            frames=out.frames, mode=out.mode, timings=out.timings, generator=self.name, model=out.model, notes=list(out.notes)
+        )
 
 
 # ------------------------------------------------------------------------------------ manifest
@@ -134,7 +149,10 @@ class ShotRecord(BaseModel):
     frames: int
     drop: int = Field(description="Leading frames dropped when stitching (overlap with the previous shot).")
     video: str
-    keyframes: list[dict] = Field(description="Frames of this shot taken into memory: {frame, key}.")
+    keyframes: list[dict] = Field(
+        description="Frames of this shot taken into memory: {frame, key}. Chosen among the frames the final video "
+        "keeps (after the `drop` overlap frames); `frame` counts from the start of the stored shot video."
+    )
     memory_used: list[dict] = Field(description="The memory this shot was conditioned on (bank before it).")
     memory_after: str = Field(description="Key of the bank description after this shot.")
     memory_state: str = Field(description="Key of the lossless bank after this shot.")
@@ -144,6 +162,12 @@ class ShotRecord(BaseModel):
     wall_s: float | None = Field(None, description="Wall seconds from the shot's start to its commit.")
     queue_s: float | None = Field(None, description="Seconds spent waiting for a free generator.")
     generator_s: float | None = Field(None, description="The generator's own seconds (successful attempt).")
+    model: str | None = Field(None, description="Which transformers made the shot: 't2v' or 'm2v'.")
+    notes: list[str] = Field(
+        default_factory=list,
+        description="What a reader should know about how the shot was made, e.g. that no text-to-video model "
+        "was configured and shot 1 came from the M2V model with empty memory.",
+    )
 
 
 class Manifest(BaseModel):
@@ -272,8 +296,18 @@ class StoryRunner:
                 raise ValueError(
                     f"{self.layout.manifest} belongs to a different script; use another story id or output folder"
                 )
+            if manifest.version < 2:
+                legacy = {**_V1_SETTINGS, "t2v_shift": manifest.settings.get("shift", 4.0)}
+                if manifest.settings.get("negative_prompt") is None:
+                    legacy["negative_prompt"] = WAN_NEGATIVE_PROMPT_EN
+                manifest.settings = {**manifest.settings, **{k: v for k, v in legacy.items() if manifest.settings.get(k) is None}}
+                manifest.version = MANIFEST_VERSION
             self.settings = GenerationSettings.model_validate(manifest.settings)
             return manifest
+        if self.script.reference_images:
+            # Customised story: the shots take the first reference's aspect ratio (unless the story set a size).
+            first = self.script.reference_images[0].load(self.reference_base_dir)
+            self.settings = self.settings.fit_reference(*first.shape[:2])
         self.store.put_bytes(self.layout.script, self.script.model_dump_json(indent=2).encode(), "application/json")
         self.store.put_bytes(self.layout.settings, self.settings.model_dump_json(indent=2).encode(), "application/json")
         manifest = Manifest(
@@ -361,7 +395,7 @@ class StoryRunner:
             prompt=shot.prompt,
             mode=mode,
             seed=s.seed + k,
-            settings=s.model_dump(mode="json"),
+            settings=s,
             memory=[] if mode == "t2v" else bank.images(),
             motion_frames=None if motion is None else motion[-n_motion:],
             fix=s.fix,
@@ -395,7 +429,9 @@ class StoryRunner:
         tail = 0
         if nxt is not None and not nxt.cut:
             tail = overlap_frames(False, self.settings.transition)
-        selected = bank.update(k, data, embeddings, quality, self.memory_cfg, tail_frames=tail)
+        # Keyframes come from the frames the final video keeps: the overlap frames repeat the previous shot.
+        drop = 0 if k == 0 else overlap_frames(shot.cut, self.settings.transition)
+        selected = bank.update(k, data, embeddings, quality, self.memory_cfg, tail_frames=tail, skip=drop)
         score_s = time.perf_counter() - t0
 
         self.emit(Phase.COMMIT, shot=k, step=steps_total)
@@ -416,7 +452,7 @@ class StoryRunner:
             mode=result.mode,
             seed=request.seed,
             frames=int(frames.shape[0]),
-            drop=0 if k == 0 else overlap_frames(shot.cut, self.settings.transition),
+            drop=drop,
             video=L.shot(k),
             keyframes=keyframes,
             memory_used=memory_used,
@@ -428,7 +464,11 @@ class StoryRunner:
             wall_s=time.perf_counter() - t_shot,
             queue_s=result.queue_s,
             generator_s=result.generator_s,
+            model=result.model or None,
+            notes=list(result.notes),
         )
+        for note in record.notes:
+            log.warning("story %s shot %d: %s", self.layout.story_id, k, note)
         manifest.shots.append(record)
         self._save(manifest)  # the commit point
         return record

@@ -55,6 +55,7 @@ from torch import nn
 from .config import ModelConfig
 from .lora import M2V_TARGET_SUFFIXES
 from .m2v import ShotMode, build_condition, build_mask, memory_frames
+from .script import MemoryMask
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,10 @@ class TrainConfig(BaseModel):
     memory_candidates: int = Field(
         3, ge=1, le=256, description="Frames of a clip that may serve as memory (evenly spaced, first and last included)."
     )
-    fix: int = Field(3, ge=0, description="Memory sink size: the first `fix` memory frames get mask 1, later ones 2.")
+    fix: int = Field(3, ge=0, description="Memory sink size (with memory_mask 'sink_window': the first `fix` memory frames get mask 1, later ones 2).")
+    memory_mask: MemoryMask = Field(
+        MemoryMask.ONES, description="Mask value of memory frames, as at inference (GenerationSettings.memory_mask)."
+    )
     motion_prob: float = Field(0.0, ge=0.0, le=1.0, description="Share of samples conditioned on their first frame (MI2V).")
     text_dropout: float = Field(
         0.1, ge=0.0, le=1.0, description="Share of samples whose prompt is replaced by a negative prompt (for CFG)."
@@ -606,7 +610,10 @@ class Trainer:
             n_cand = mem[p["clip"]].shape[1]
             memory = torch.stack([mem[c][:, min(j, n_cand - 1)] for c, j in p["memory"]], dim=1) if m else None
             u = motion[p["clip"]] if p["motion"] else self.data.zeros_condition()
-            mask = build_mask(m, self.num_frames, h, w, mode, fix=self.cfg.fix, temporal_scale=self.pipe.vae_scale_factor_temporal)
+            mask = build_mask(
+                m, self.num_frames, h, w, mode, fix=self.cfg.fix,
+                temporal_scale=self.pipe.vae_scale_factor_temporal, memory_mask=self.cfg.memory_mask,
+            )  # fmt: skip
             cond = build_condition(None if memory is None else memory[None], u[None], mask)
             clean = shot[p["clip"]][None] if memory is None else torch.cat([memory[None], shot[p["clip"]][None]], dim=2)
             noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(p["noise_seed"]))

@@ -5,6 +5,7 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
 from storymem.m2v import MemoryRotaryPosEmbed, ShotMode, build_condition, build_mask, memory_frames, pixel_mask
+from storymem.script import MemoryMask
 
 
 def _rope(shift=5):
@@ -74,28 +75,40 @@ def test_too_many_memory_frames_rejected():
         rope(torch.zeros(1, 36, 3, 4, 4))
 
 
-def test_pixel_mask_values_per_mode():
+@pytest.mark.parametrize("m", [0, 1, 3, 5, 10])
+def test_pixel_mask_default_marks_every_memory_frame_one(m):
+    # The authors' released inference: memory frames 1 whatever M and fix, conditioned frames 1, rest 0.
+    F = 81
+    for mode, k in ((ShotMode.M2V, 0), (ShotMode.MR2V, 0), (ShotMode.MI2V, 1), (ShotMode.MM2V, 5)):
+        mask = pixel_mask(m, F, mode, fix=3)
+        assert mask.tolist() == [1.0] * m + [1.0] * k + [0.0] * (F - k), (mode, m)
+
+
+def test_pixel_mask_sink_window_option():
     m, F = 5, 81
-    plain = pixel_mask(m, F, ShotMode.M2V, fix=3)
+    plain = pixel_mask(m, F, ShotMode.M2V, fix=3, memory_mask=MemoryMask.SINK_WINDOW)
     assert plain[:3].tolist() == [1, 1, 1] and plain[3:5].tolist() == [2, 2]
     assert plain[m:].sum() == 0
-    mi2v = pixel_mask(m, F, ShotMode.MI2V, fix=3)
-    assert mi2v[m] == 1 and mi2v[m + 1 :].sum() == 0
-    mm2v = pixel_mask(m, F, ShotMode.MM2V, fix=3)
+    mi2v = pixel_mask(m, F, ShotMode.MI2V, fix=3, memory_mask="sink_window")
+    assert mi2v[:m].tolist() == [1, 1, 1, 2, 2] and mi2v[m] == 1 and mi2v[m + 1 :].sum() == 0
+    mm2v = pixel_mask(m, F, ShotMode.MM2V, fix=3, memory_mask="sink_window")
     assert mm2v[m : m + 5].tolist() == [1] * 5 and mm2v[m + 5 :].sum() == 0
-    small = pixel_mask(2, F, ShotMode.M2V, fix=3)  # M <= fix: all memory frames are sink
+    small = pixel_mask(2, F, ShotMode.M2V, fix=3, memory_mask="sink_window")  # M <= fix: all memory frames are sink
     assert small[:2].tolist() == [1, 1]
+    with pytest.raises(ValueError):
+        pixel_mask(2, F, ShotMode.M2V, memory_mask="twos")
 
 
+@pytest.mark.parametrize("memory_mask", list(MemoryMask))
 @pytest.mark.parametrize("mode", list(ShotMode))
-def test_latent_mask_layout(mode):
+def test_latent_mask_layout(mode, memory_mask):
     m, F, fix = 6, 81, 3
-    mask = build_mask(m, F, 3, 5, mode, fix=fix)
+    mask = build_mask(m, F, 3, 5, mode, fix=fix, memory_mask=memory_mask)
     f = (F - 1) // 4 + 1
     assert mask.shape == (4, m + f, 3, 5)
     # Memory latent frames: each image encoded alone -> its value in all 4 channels.
     for i in range(m):
-        want = 1.0 if i < fix else 2.0
+        want = 2.0 if memory_mask == MemoryMask.SINK_WINDOW and i >= fix else 1.0
         assert torch.all(mask[:, i] == want)
     first = mask[:, m]
     if mode in (ShotMode.MI2V, ShotMode.MM2V):

@@ -20,12 +20,12 @@ def reference_select(emb, quality, memory, cfg: MemoryConfig) -> list[int]:
     """Plain restatement of method.md, independent of the library's code path."""
     emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     n = len(emb)
-    if cfg.quality_threshold is None:
+    if not isinstance(cfg.quality_threshold, float):  # None, or 'auto' with no scorer known
         ok = list(range(n))
     else:
         ok = [i for i in range(n) if quality[i] >= cfg.quality_threshold]
         if not ok:
-            ok = [max(range(n), key=lambda i: quality[i])]
+            return []
     steps = 0
     while True:
         th = cfg.threshold_start - steps * cfg.threshold_step
@@ -85,10 +85,34 @@ def test_first_keyframe_is_first_passing_frame():
     assert select_keyframes(emb, quality, None, MemoryConfig(quality_threshold=3.0)) == [2]
 
 
-def test_all_fail_quality_takes_best_frame():
+def test_no_frame_passing_quality_gives_no_keyframe():
+    # As the authors' selection: a shot none of whose frames is good enough leaves memory as it was
+    # (the best of the bad frames is not taken).
     emb = on_circle([0, 90, 180, 270])
     quality = np.array([0.1, 0.7, 0.3, 0.2])
-    assert select_keyframes(emb, quality, None, MemoryConfig(quality_threshold=3.0)) == [1]
+    cfg = MemoryConfig(quality_threshold=3.0)
+    assert select_keyframes(emb, quality, None, cfg) == [] == reference_select(emb, quality, None, cfg)
+    bank = MemoryBank(max_size=10, fix=3)
+    assert bank.update(0, shot_video(num_frames=4), emb, quality, cfg, tail_frames=1) == []
+    assert len(bank) == 0 and bank.tail.shape == (1, 8, 10, 3)  # the tail is still kept for MI2V
+
+
+def test_quality_threshold_auto_follows_the_scorer(tmp_path):
+    from storymem.config import LAION_AESTHETIC_THRESHOLD, ScoringConfig, StoryMemConfig
+
+    assert MemoryConfig().quality_threshold == "auto"
+    # Embedded scorer (random aesthetic head): no filter.
+    assert StoryMemConfig().memory.quality_threshold is None
+    weights = tmp_path / "aesthetic.pth"
+    weights.write_bytes(b"")
+    cfg = StoryMemConfig(scoring=ScoringConfig(aesthetic_weights=weights))
+    assert cfg.memory.quality_threshold == LAION_AESTHETIC_THRESHOLD == 4.5
+    explicit = StoryMemConfig(scoring=ScoringConfig(aesthetic_weights=weights), memory=MemoryConfig(quality_threshold=6.0))
+    assert explicit.memory.quality_threshold == 6.0
+    off = StoryMemConfig(scoring=ScoringConfig(aesthetic_weights=weights), memory=MemoryConfig(quality_threshold=None))
+    assert off.memory.quality_threshold is None
+    # Unresolved 'auto' (no scorer known) filters nothing, even with quality given.
+    assert select_keyframes(on_circle([0, 90]), np.array([-5.0, -5.0]), None, MemoryConfig()) == [0, 1]
 
 
 def test_quality_required_when_threshold_set():
@@ -182,6 +206,40 @@ def test_update_selects_adds_and_keeps_tail(tail_frames):
     assert len(bank) == 3
 
 
+def test_keyframes_come_from_the_frames_the_story_keeps():
+    # A MM2V shot repeats the previous shot's last 5 frames first; the final video drops them, so
+    # keyframes are chosen among frames 5.. only, and reported by their index in the stored shot.
+    video = shot_video(num_frames=13)
+    emb = on_circle([0] * 5 + [90] * 4 + [180] * 4)  # frames 0..4 distinct and first: chosen when not trimmed
+    quality = np.array([9.0] * 5 + [1.0, 5.0, 5.0, 5.0] + [5.0] * 4)
+    cfg = MemoryConfig(quality_threshold=3.0)
+    assert MemoryBank().update(1, video, emb, quality, cfg, tail_frames=0) == [0, 6, 9]
+    bank = MemoryBank()
+    chosen = bank.update(1, video, emb, quality, cfg, tail_frames=0, skip=5)
+    assert chosen == [6, 9]  # frame 5 fails quality; 6 starts the chain, 9 is the next distinct pose
+    assert [(f.shot, f.frame) for f in bank.frames] == [(1, 6), (1, 9)]
+    assert all(np.array_equal(f.image, video[f.frame]) for f in bank.frames)
+    # MI2V drops one frame.
+    assert MemoryBank().update(1, video, on_circle([0] + [90] * 12), None, MemoryConfig(), tail_frames=0, skip=1) == [1]
+    with pytest.raises(ValueError, match="skip"):
+        MemoryBank().update(1, video, emb, None, MemoryConfig(), tail_frames=0, skip=13)
+
+
+def test_dedupe_against_an_evicted_keyframe():
+    bank = MemoryBank(max_size=2, fix=0)
+    bank.update(0, shot_video(num_frames=2), on_circle([0, 0]), None, MemoryConfig(), tail_frames=0)
+    bank.update(1, shot_video(num_frames=2), on_circle([90, 90]), None, MemoryConfig(), tail_frames=0)
+    bank.update(2, shot_video(num_frames=2), on_circle([180, 180]), None, MemoryConfig(), tail_frames=0)
+    assert [f.shot for f in bank.frames] == [1, 2]  # shot 0's keyframe (0 degrees) was evicted
+    assert bank.history == [(0, 0), (1, 0), (2, 0)]
+    # A pose 1 degree from the evicted keyframe is still a duplicate of what the story saved.
+    restored = MemoryBank.from_bytes(bank.to_bytes())  # and the bank's saved state remembers it
+    for b in (bank, restored):
+        assert b.update(3, shot_video(num_frames=2), on_circle([1, 1]), None, MemoryConfig(), tail_frames=0) == []
+        assert b.update(4, shot_video(num_frames=2), on_circle([45, 45]), None, MemoryConfig(), tail_frames=0) == [0]
+        assert b.history[-1] == (4, 0)
+
+
 def test_references_stay_in_sink():
     rng = np.random.default_rng(0)
     refs = [rng.integers(0, 256, (16, 12, 3), dtype=np.uint8), rng.integers(0, 256, (6, 20, 3), dtype=np.uint8)]
@@ -218,8 +276,21 @@ def test_save_load_round_trip(tmp_path):
             assert a.image.shape == b.image.shape
             assert a.embedding.dtype == np.float32 and a.embedding.tobytes() == b.embedding.tobytes()
         assert restored.tail.tobytes() == bank.tail.tobytes() and restored.tail.shape == (5, 8, 10, 3)
+        assert restored.history == bank.history
+        assert restored.saved_embeddings().tobytes() == bank.saved_embeddings().tobytes()
     empty = MemoryBank.from_bytes(MemoryBank(max_size=3, fix=1).to_bytes())
     assert len(empty) == 0 and empty.tail is None and empty.max_size == 3
+
+
+def test_version_1_state_still_loads():
+    bank = _filled_bank()
+    arrays = {k: v for k, v in bank._arrays().items() if not k.startswith("history_")}
+    arrays["version"] = np.array(1, dtype=np.int64)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    old = MemoryBank.from_bytes(buf.getvalue())
+    assert old.describe() == bank.describe()
+    assert old.history == [(f.shot, f.frame) for f in bank.frames]  # what memory held then
 
 
 def test_corrupted_or_wrong_file_raises(tmp_path):

@@ -169,6 +169,127 @@ def test_t2v_transformer_used_for_first_shot_when_present():
     assert out.mode == "t2v" and seen
 
 
+def test_memory_images_of_different_sizes_are_each_resized(pipe):
+    # References of three sizes and aspect ratios (portrait, landscape, square): stacking them before
+    # resizing crashed every MR2V story from shot 2 on.
+    rng = np.random.default_rng(0)
+    mem = [rng.integers(0, 255, s, dtype=np.uint8) for s in ((100, 70, 3), (20, 90, 3), (32, 48, 3))]
+    out = pipe("x", memory=mem, motion_frames=[mem[2]], seed=0, **SIZE)
+    assert out.frames.shape == (9, 32, 48, 3) and out.mode == "mi2v"
+    together = pipe.encode_memory(mem, 32, 48)
+    alone = torch.cat([pipe.encode_memory([m], 32, 48) for m in mem], dim=2)
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------- the authors' sampling defaults
+
+
+def _wan_timesteps(steps: int, shift: float) -> list[int]:
+    """Wan's solver, restated: sigmas linspace(0.999, 0, n+1)[:-1], shifted, times 1000, truncated."""
+    sig = [0.999 * (1 - i / steps) for i in range(steps)]
+    return [int(shift * s / (1 + (shift - 1) * s) * 1000) for s in sig]
+
+
+@pytest.mark.parametrize("shift,literal", [
+    (4.0, {0: 999, 1: 993, 2: 986, 12: 902, 13: 892, 20: 799, 38: 173, 39: 92}),
+    (12.0, {0: 999, 1: 997, 10: 972, 25: 877, 26: 865, 38: 386, 39: 235}),
+])  # fmt: skip
+def test_wan_sigma_grid_at_40_steps(shift, literal):
+    from storymem.models import make_scheduler
+    from storymem.pipeline import make_timesteps
+
+    sched = make_timesteps(make_scheduler(), 40, shift, "wan")
+    got = sched.timesteps.tolist()
+    assert got == _wan_timesteps(40, shift)
+    assert {i: got[i] for i in literal} == literal
+    assert float(sched.sigmas[-1]) == 0.0 and len(sched.sigmas) == 41
+    # diffusers' own grid stays available and is a different one (1 .. 1/1000 before the shift).
+    theirs = make_timesteps(make_scheduler(), 40, shift, "diffusers").timesteps.tolist()
+    assert theirs != got and theirs[0] == got[0] == 999
+    assert max(abs(a - b) for a, b in zip(theirs, got)) <= 7
+
+
+def test_pipeline_samples_on_wan_grid_by_default(pipe):
+    seen = []
+    hook = pipe.transformer.register_forward_hook(lambda m, a, kw, out: seen.append(int(kw["timestep"][0])), with_kwargs=True)
+    hook2 = pipe.transformer_2.register_forward_hook(lambda m, a, kw, out: seen.append(int(kw["timestep"][0])), with_kwargs=True)
+    try:
+        pipe("x", memory=[np.zeros((32, 48, 3), np.uint8)], **{**SIZE, "guidance_scale": 1.0})
+        wan, seen[:] = list(seen), []
+        pipe("x", memory=[np.zeros((32, 48, 3), np.uint8)], sigma_schedule="diffusers", **{**SIZE, "guidance_scale": 1.0})
+    finally:
+        hook.remove()
+        hook2.remove()
+    assert wan == _wan_timesteps(4, 4.0) and seen != wan
+
+
+def test_prompt_cleaning_as_wan_on_a_curly_quote_st_bench_prompt(pipe):
+    import json
+    from pathlib import Path
+
+    import ftfy
+
+    from storymem.pipeline import prompt_clean
+    from storymem.script import load_script
+
+    import os
+
+    bench = Path(os.environ.get("STORYMEM_ST_BENCH", Path(__file__).resolve().parents[2] / "shared" / "st-bench"))
+    if not (bench / "artist.json").exists():
+        pytest.skip("ST-Bench scripts not present")
+    shots = load_script(bench / "artist.json").shots
+    prompt = next(s.prompt for s in shots if "paint\u2019s thick texture" in s.prompt)
+    cleaned = prompt_clean(prompt)
+    assert "\u2019" not in cleaned and "paint's thick texture" in cleaned
+    assert "\u2014" in cleaned  # ftfy keeps the em dash: only quotes are uncurled
+    assert prompt_clean(" a &amp;amp; b\n\t c ") == "a & b c"  # html unescaped twice, whitespace collapsed
+    # The encoder sees the cleaned text: curly and straight quotes give the same embedding.
+    torch.testing.assert_close(pipe.encode_prompt([prompt]), pipe.encode_prompt([prompt.replace("\u2019", "'")]))
+    changed = sum(
+        ftfy.fix_text(p) != p for f in sorted(bench.glob("*.json")) for sc in json.loads(f.read_text())["scenes"] for p in sc["video_prompts"]
+    )
+    assert changed == 47  # of ST-Bench's 300 prompts (method.md)
+
+
+def _t2v_pipe():
+    components, _ = build_embedded(ModelConfig(embedded_weights="random"))
+    tiny = TinyWanConfig()
+    torch.manual_seed(0)
+    components["t2v_transformer"] = tiny_transformer(tiny, in_channels=tiny.z_dim).eval()
+    components["t2v_transformer_2"] = tiny_transformer(tiny, in_channels=tiny.z_dim).eval()
+    pipe = StoryMemPipeline(**components, boundary_ratio=0.9, t2v_boundary_ratio=0.875)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_t2v_shot_uses_its_own_shift_boundary_and_guidance():
+    pipe = _t2v_pipe()
+    calls = {"high": [], "low": [], "m2v": 0}
+    pipe.t2v_transformer.register_forward_hook(lambda m, a, kw, out: calls["high"].append(int(kw["timestep"][0])), with_kwargs=True)
+    pipe.t2v_transformer_2.register_forward_hook(lambda m, a, kw, out: calls["low"].append(int(kw["timestep"][0])), with_kwargs=True)
+    pipe.transformer.register_forward_hook(lambda *a: calls.__setitem__("m2v", calls["m2v"] + 1))
+    steps = 40
+    run = dict(SIZE, num_inference_steps=steps, height=16, width=16, num_frames=5)
+    out = pipe("x", **{**run, "guidance_scale": 3.5})
+    assert out.mode == "t2v" and out.model == "t2v" and out.notes == [] and calls["m2v"] == 0
+    grid = _wan_timesteps(steps, 12.0)  # shift 12, not the M2V shots' 4
+    high = [t for t in grid if t >= 875]
+    assert calls["high"] == [t for t in high for _ in (0, 1)]  # CFG: two passes per step
+    assert calls["low"] == [t for t in grid if t < 875 for _ in (0, 1)]
+    assert len(high) == 26  # boundary 0.875, not 0.9 (13 steps)
+    calls["high"].clear(), calls["low"].clear()
+    pipe("x", **{**run, "guidance_scale": 3.5, "t2v_guidance_scale": 1.0, "t2v_shift": 4.0})
+    assert calls["high"] + calls["low"] == _wan_timesteps(steps, 4.0)  # one pass a step: no CFG
+
+
+def test_no_t2v_model_is_said_not_hidden(pipe, caplog):
+    from storymem.pipeline import NO_T2V_NOTE
+
+    out = pipe("x", **SIZE)
+    assert out.mode == "t2v" and out.model == "m2v" and out.notes == [NO_T2V_NOTE]
+    assert pipe("x", memory=[np.zeros((8, 8, 3), np.uint8)], **SIZE).notes == []
+
+
 # ----------------------------------------------------------------- LoRA
 
 

@@ -62,17 +62,43 @@ def test_list_of_mixed_sizes_matches_array(scorer):
     assert as_list.shape == (4, 64)
 
 
-def test_preprocessing_close_to_open_clip_transform(scorer):
-    # open_clip's own PIL pipeline (shortest side, bicubic, centre crop, OpenAI mean/std).
+def test_crop_preprocessing_close_to_open_clip_transform():
+    # image_resize='crop' (storymem eval): open_clip's own PIL pipeline (shortest side, bicubic,
+    # centre crop, OpenAI mean/std).
+    cropper = Scorer(ScoringConfig(clip_model="tiny", image_resize="crop"))
     rng = np.random.default_rng(0)
     img = np.kron(rng.integers(0, 256, (12, 20, 3)), np.ones((8, 8, 1))).astype(np.uint8)  # 96 x 160
     transform = open_clip.image_transform(64, is_train=False)
     for im in (img, np.ascontiguousarray(img.transpose(1, 0, 2))):
         ref = transform(Image.fromarray(im))
-        ours = scorer._preprocess(torch.from_numpy(im)[None])[0]
+        ours = cropper._preprocess(torch.from_numpy(im)[None])[0]
         assert ours.shape == ref.shape == (3, 64, 64)
         # PIL's and torch's bicubic kernels differ slightly; a misaligned crop would be ~0.1.
         assert float((ours - ref).abs().mean()) < 0.01
+
+
+def test_default_preprocessing_squashes_the_whole_frame(scorer):
+    # The authors' keyframe selection: the whole frame resized to the square input, nothing cropped,
+    # then open_clip's mean/std. Reference: PIL bicubic resize of the whole frame.
+    assert ScoringConfig().image_resize == "squash"
+    rng = np.random.default_rng(0)
+    img = np.kron(rng.integers(0, 256, (12, 20, 3)), np.ones((8, 8, 1))).astype(np.uint8)  # 96 x 160
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
+    for im in (img, np.ascontiguousarray(img.transpose(1, 0, 2))):
+        squashed = np.asarray(Image.fromarray(im).resize((64, 64), Image.BICUBIC), dtype=np.float32) / 255.0
+        ref = (torch.from_numpy(squashed).permute(2, 0, 1) - mean) / std
+        ours = scorer._preprocess(torch.from_numpy(im)[None])[0]
+        assert ours.shape == (3, 64, 64)
+        assert float((ours - ref).abs().mean()) < 0.01
+    # What only the frame's sides show changes the squashed input (a centre crop would never see it).
+    sides = np.zeros((48, 128, 3), np.uint8)
+    marked = sides.copy()
+    marked[:, :20] = 255
+    crop = Scorer(ScoringConfig(clip_model="tiny", image_resize="crop"))
+    pair = np.stack([sides, marked])
+    assert float(crop.embed_images(pair)[0] @ crop.embed_images(pair)[1]) == pytest.approx(1.0, abs=1e-5)
+    assert float(scorer.embed_images(pair)[0] @ scorer.embed_images(pair)[1]) < 0.999
 
 
 def test_text_embeddings(scorer):

@@ -305,10 +305,42 @@ def test_settings_defaults_are_the_papers():
     assert s.effective_guidance_scale_2 == 3.5
     assert GenerationSettings(guidance_scale_2=5).effective_guidance_scale_2 == 5
     assert s.effective_negative_prompt == WAN_DEFAULT_NEGATIVE_PROMPT == GenerationSettings.default_negative_prompt()
-    assert "blurry" in WAN_DEFAULT_NEGATIVE_PROMPT
     assert GenerationSettings(negative_prompt="").effective_negative_prompt == ""
+    # The authors' released inference (docs/reference.md), each a setting that can be changed.
+    assert s.memory_mask == "ones" and GenerationSettings(memory_mask="sink_window").memory_mask == "sink_window"
+    assert s.sigma_schedule == "wan" and GenerationSettings(sigma_schedule="diffusers").sigma_schedule == "diffusers"
+    assert (s.t2v_shift, s.t2v_guidance_scale) == (12.0, None)  # None: guidance_scale, 3.5
     for name, field in GenerationSettings.model_fields.items():
         assert field.description, name
+
+
+def test_default_negative_prompt_is_wans_verbatim():
+    import hashlib
+
+    neg = WAN_DEFAULT_NEGATIVE_PROMPT
+    # sample_neg_prompt of Wan2.1/Wan2.2's wan/configs/shared_config.py: 137 characters, 28 phrases.
+    assert len(neg) == 137 and neg.count("\uff0c") == 27
+    assert neg.startswith("\u8272\u8c03\u8273\u4e3d\uff0c\u8fc7\u66dd\uff0c") and neg.endswith("\u5012\u7740\u8d70")
+    assert "JPEG\u538b\u7f29\u6b8b\u7559" in neg
+    assert hashlib.sha256(neg.encode()).hexdigest() == "ce96e0324e4b54ce4b6e867f669ca520952e1a34cc116543516b1897f0d3c47e"
+
+
+def test_size_follows_the_first_reference_unless_set():
+    s = GenerationSettings()
+    assert s.size_from_reference is True and "size_from_reference" not in s.model_dump(exclude_unset=True)
+    assert (s.fit_reference(832, 480).width, s.fit_reference(832, 480).height) == (480, 832)  # portrait
+    assert (s.fit_reference(480, 832).width, s.fit_reference(480, 832).height) == (832, 480)
+    wide = s.fit_reference(1080, 1920)  # 16:9 at the 832x480 area, sides multiples of 16
+    assert (wide.width, wide.height) == (848, 480) and wide.width % 16 == wide.height % 16 == 0
+    for explicit in ({"width": 832}, {"height": 480}, {"size_from_reference": False}):
+        g = GenerationSettings(**explicit)
+        assert g.size_from_reference is False and g.fit_reference(832, 480) is g
+    # A profile's size is a default, not the story's choice: the reference still decides the shape.
+    tiny = GenerationSettings().resolve({"width": 64, "height": 48})
+    assert tiny.size_from_reference is True and (tiny.fit_reference(600, 400).width, tiny.fit_reference(600, 400).height) == (48, 64)
+    assert GenerationSettings(width=64).resolve({"height": 48}).size_from_reference is False
+    forced = GenerationSettings(width=64, height=48, size_from_reference=True)
+    assert (forced.fit_reference(100, 50).width, forced.fit_reference(100, 50).height) == (32, 80)
 
 
 def test_resolve_keeps_explicit_and_fills_unset():

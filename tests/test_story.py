@@ -72,6 +72,49 @@ def test_story_artifacts_and_memory_record(models, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["state"] == "done"
 
 
+def test_shot_records_say_how_shots_were_made(models, tmp_path):
+    from storymem.pipeline import NO_T2V_NOTE
+
+    manifest = _run(models, tmp_path, _script(transition="mm2v", cuts=(True, False)))
+    first, second = manifest.shots
+    # No text-to-video model in the embedded profile: shot 1 is the M2V model with empty memory, and says so.
+    assert (first.mode, first.model, first.notes) == ("t2v", "m2v", [NO_T2V_NOTE])
+    assert (second.mode, second.model, second.notes) == ("mm2v", "m2v", [])
+    # Keyframes come from the frames the final video keeps (after the 5 MM2V overlap frames).
+    assert second.drop == 5 and all(kf["frame"] >= 5 for kf in second.keyframes)
+    assert manifest.version == 2 and manifest.settings["memory_mask"] == "ones"
+
+
+def test_customised_story_with_references_of_any_size(models, tmp_path):
+    """MR2V with three references of different sizes and aspect ratios (portrait, landscape,
+    square): every shot completes, at the first reference's aspect ratio."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    refs = []
+    for i, (h, w) in enumerate(((72, 40), (30, 64), (50, 50))):  # portrait first
+        path = tmp_path / f"ref{i}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+        refs.append({"path": str(path)})
+    script = _script(cuts=(True, False, True, False), transition="mi2v")
+    script["reference_images"] = refs
+    script["settings"]["size_from_reference"] = True  # area 48 x 32 (explicit), aspect of ref0
+    manifest = _run(models, tmp_path, script)
+    assert manifest.state == "done" and [r.mode for r in manifest.shots] == ["mr2v", "mi2v", "m2v", "mi2v"]
+    assert (manifest.settings["width"], manifest.settings["height"]) == (32, 48)  # portrait, 16-multiples
+    info = probe_video(tmp_path / "out" / "final.mp4")
+    assert (info["width"], info["height"], info["frames"]) == (32, 48, 4 * 9 - 2)
+    assert [d["source"] for d in manifest.shots[0].memory_used] == ["reference"] * 3
+    assert {(d["height"], d["width"]) for d in manifest.shots[1].memory_used} >= {(72, 40), (30, 64), (50, 50)}
+    # A landscape first reference, and an explicit size that wins over the reference.
+    script["reference_images"] = refs[1:]
+    landscape = _run(models, tmp_path, script, "landscape")
+    assert (landscape.settings["width"], landscape.settings["height"]) == (64, 32)
+    del script["settings"]["size_from_reference"]
+    fixed = _run(models, tmp_path, script, "fixed")
+    assert (fixed.settings["width"], fixed.settings["height"]) == (48, 32) and fixed.state == "done"
+
+
 def test_same_seed_same_video_and_resume(models, tmp_path):
     first = _run(models, tmp_path, _script(), "a")
     ref = read_video(tmp_path / "a" / "final.mp4")
