@@ -106,13 +106,20 @@ def test_customised_story_with_references_of_any_size(models, tmp_path):
     assert (info["width"], info["height"], info["frames"]) == (32, 48, 4 * 9 - 2)
     assert [d["source"] for d in manifest.shots[0].memory_used] == ["reference"] * 3
     assert {(d["height"], d["width"]) for d in manifest.shots[1].memory_used} >= {(72, 40), (30, 64), (50, 50)}
-    # A landscape first reference, and an explicit size that wins over the reference.
-    script["reference_images"] = refs[1:]
-    landscape = _run(models, tmp_path, script, "landscape")
-    assert (landscape.settings["width"], landscape.settings["height"]) == (64, 32)
-    del script["settings"]["size_from_reference"]
-    fixed = _run(models, tmp_path, script, "fixed")
-    assert (fixed.settings["width"], fixed.settings["height"]) == (48, 32) and fixed.state == "done"
+    # A landscape first reference, and an explicit size that wins over the reference (sizes are
+    # decided when the manifest is created).
+    from storymem.script import load_request
+
+    cfg, pipe, scorer = models
+    for name, first, explicit, size in (("landscape", 1, False, (64, 32)), ("fixed", 0, True, (48, 32))):
+        script["reference_images"] = refs[first:]
+        if explicit:
+            del script["settings"]["size_from_reference"]
+        req = load_request(script)
+        runner = StoryRunner(LocalStore(tmp_path / name), StoryLayout(name, prefix=""), req.script, req.settings,
+                             PipelineGenerator(pipe), scorer, cfg.memory)  # fmt: skip
+        opened = runner.open()
+        assert (opened.settings["width"], opened.settings["height"]) == size, name
 
 
 def test_same_seed_same_video_and_resume(models, tmp_path):
@@ -214,13 +221,37 @@ def test_cli_run_bad_script_leaves_no_output(tmp_path):
 
 
 def test_st_bench_story_settings_resolve_to_the_embedded_profile():
-    from storymem.models import TinyWanConfig
+    from storymem.models import EMBEDDED_NEGATIVE_PROMPT, TinyWanConfig
 
     script = load_script(_st_bench("cat.json"))
     settings = GenerationSettings().resolve(TinyWanConfig().defaults)
     assert settings.width == TinyWanConfig().defaults["width"] and script.num_shots == 10
     explicit = GenerationSettings(width=832).resolve(TinyWanConfig().defaults)
     assert explicit.width == 832
+    # The shipped bundle's training: window memory frames 2, an English negative prompt (its
+    # tokenizer spells no Chinese). A story can still ask for the authors' values.
+    assert (settings.memory_mask, settings.negative_prompt) == ("sink_window", EMBEDDED_NEGATIVE_PROMPT)
+    assert settings.sigma_schedule == "wan"
+    assert GenerationSettings(memory_mask="ones").resolve(TinyWanConfig().defaults).memory_mask == "ones"
+
+
+def test_a_story_begun_before_version_2_resumes_as_it_began(models, tmp_path):
+    from storymem.script import WAN_NEGATIVE_PROMPT_EN, load_request
+    from storymem.story import Manifest, script_digest
+
+    cfg, pipe, scorer = models
+    req = load_request(_script())
+    store, layout = LocalStore(tmp_path / "old"), StoryLayout("old", prefix="")
+    old = req.settings.model_dump(mode="json")
+    for key in ("memory_mask", "sigma_schedule", "t2v_shift", "t2v_guidance_scale", "size_from_reference"):
+        del old[key]  # what a version-1 manifest recorded
+    manifest = Manifest(version=1, story_id="old", script_sha256=script_digest(req.script), shots_total=3, settings=old)
+    store.put_bytes(layout.manifest, manifest.model_dump_json().encode())
+    runner = StoryRunner(store, layout, req.script, req.settings, PipelineGenerator(pipe), scorer, cfg.memory)
+    opened = runner.open()
+    s = runner.settings
+    assert (s.memory_mask, s.sigma_schedule, s.t2v_shift, s.negative_prompt) == ("sink_window", "diffusers", 4.0, WAN_NEGATIVE_PROMPT_EN)
+    assert opened.version == 2 and opened.settings["memory_mask"] == "sink_window"
 
 
 def _st_bench(name):
