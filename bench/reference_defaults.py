@@ -13,7 +13,8 @@ with each new default switched on alone, then all together:
 
 It prints the mean absolute difference from the old-defaults shot, on the sampled latents and on
 the decoded frames (0..255), with the difference a change of seed makes as the scale, averaged over
-`--shots` stories. Runs in about a minute on 2 CPU cores.
+`--shots` stories. Runs in about a minute on 2 CPU cores (8 steps; `--steps 40` about five).
+Measured results: docs/reference.md.
 """
 
 from __future__ import annotations
@@ -45,11 +46,14 @@ def main(argv=None) -> int:
     p.add_argument("--shots", type=int, default=4, help="stories (one measured shot each)")
     p.add_argument("--memory", type=int, default=5, help="memory frames (> fix = 3 so the mask matters)")
     p.add_argument("--random", action="store_true", help="random tiny weights instead of the shipped bundle")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the profile's)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
     pipe, profile = build_pipeline(ModelConfig(device="cpu", embedded_weights="random" if args.random else None))
     s = GenerationSettings().resolve(profile.defaults)
+    if args.steps:
+        s = s.model_copy(update={"num_inference_steps": args.steps})
     base = dict(
         height=s.height, width=s.width, num_frames=s.num_frames, num_inference_steps=s.num_inference_steps,
         guidance_scale=s.guidance_scale, memory_guidance_scale=s.memory_guidance_scale, shift=s.shift, fix=s.fix,
