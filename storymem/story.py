@@ -62,6 +62,13 @@ class ShotRequest:
     motion_frames: np.ndarray | None = None
     fix: int = 3
 
+    @property
+    def transition(self) -> str:
+        """The story's TransitionMode value: it picks the shot's LoRA set (StoryMemPipeline.activate_lora)."""
+        s = self.settings
+        value = s["transition"] if isinstance(s, dict) else s.transition
+        return getattr(value, "value", value)
+
     def pipeline_kwargs(self) -> dict:
         s = self.settings
         return dict(
@@ -118,6 +125,7 @@ class PipelineGenerator:
         self.name = name
 
     def generate(self, request: ShotRequest, step_callback: StepCallback | None = None) -> ShotResult:
+        self.pipe.activate_lora(request.transition)
         out = self.pipe(**request.pipeline_kwargs(), step_callback=step_callback)
         return ShotResult(frames=out.frames, mode=out.mode, timings=out.timings, generator=self.name)
 
