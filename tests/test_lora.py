@@ -207,3 +207,35 @@ def test_wrong_pairing_is_refused_with_the_field_named(release, tmp_path):
     with pytest.raises(ScriptError, match="settings.transition"):
         run_story(request, out, cfg, progress=False)
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_engine_refuses_a_story_without_its_lora_set(release, tmp_path, ray_local, s3_server):
+    """The submission edge: a generator loaded with the MI2V set only reports {none, mi2v}; the
+    engine refuses an mm2v story on settings.transition (the service answers that with a 422) and
+    writes nothing."""
+    import uuid
+
+    import ray
+
+    from actors import start_engine
+    from storymem.config import EngineConfig
+    from storymem.storage import S3Store
+
+    root, _ = release
+    storage = s3_server.storage_config(f"lora-{uuid.uuid4().hex[:12]}")
+    cfg = StoryMemConfig(
+        model=ModelConfig(embedded_weights="random", lora_release=root, lora_release_sets=["mi2v"]),
+        storage=storage,
+        engine=EngineConfig(num_generators=1, namespace=f"test-{uuid.uuid4().hex[:8]}"),
+    )
+    engine = start_engine(cfg)
+    try:
+        story = {"shots": [{"prompt": "a fox"}, {"prompt": "it runs", "cut": False}], "settings": {"transition": "mm2v"}}
+        with pytest.raises(ScriptError) as err:
+            ray.get(engine.submit.remote(story), timeout=120)
+        assert [f for f, _ in err.value.errors] == ["settings.transition"]
+        assert "Wan2.2-MM2V-A14B" in err.value.errors[0][1]
+        assert S3Store(storage).list("stories/") == []
+    finally:
+        ray.kill(engine, no_restart=True)
