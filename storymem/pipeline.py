@@ -185,7 +185,8 @@ class StoryMemPipeline(DiffusionPipeline):
     def activate_lora(self, transition) -> str | None:
         """Switch the M2V experts to the set of a story's transition before its shot; returns the
         adapter name (None without sets). Raises ValueError naming settings.transition when no
-        loaded set serves it."""
+        loaded set serves it. Every shot of a story uses its set, shot 1 too when no separate T2V
+        model is loaded (it is then made by the M2V model without memory)."""
         from .lora import select_set
 
         chosen = select_set(self.lora_sets, getattr(transition, "value", transition))

@@ -173,6 +173,30 @@ def test_one_set_is_fused_and_a_pinned_adapter_stacks_on_it(release):
     torch.testing.assert_close(_latents(pipe), _latents(plain), rtol=1e-4, atol=1e-4)
 
 
+def test_a_separate_t2v_model_gets_no_m2v_lora(release):
+    from storymem.models import build_embedded
+    from storymem.pipeline import StoryMemPipeline
+
+    def pipe_with_t2v():
+        components, _ = build_embedded(ModelConfig(embedded_weights="random"))
+        tiny = TinyWanConfig()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            components["t2v_transformer"] = tiny_transformer(tiny, in_channels=tiny.z_dim).eval()
+        p = StoryMemPipeline(**components, boundary_ratio=0.9)
+        p.set_progress_bar_config(disable=True)
+        return p
+
+    plain, pipe = pipe_with_t2v(), pipe_with_t2v()
+    pipe.attach_lora(load_release(release[0]))
+    pipe.activate_lora("mm2v")
+    assert not getattr(pipe.t2v_transformer, "peft_config", None)
+    kw = dict(mode="t2v", seed=2, output_type="latent", **SIZE)
+    torch.testing.assert_close(pipe("a fox", **kw).frames, plain("a fox", **kw).frames, rtol=0, atol=0)
+    # The M2V experts do carry the set: an M2V shot differs from the plain pipeline's.
+    assert (_latents(pipe) - _latents(plain)).abs().max() > 1e-2
+
+
 def test_stack_rejects_unknown_names_and_experts():
     t = tiny_transformer(TinyWanConfig(), 36)
     stack = AdapterStack({"low": t})
