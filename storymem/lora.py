@@ -382,16 +382,22 @@ class AdapterStack:
             weights = dict(zip(names, weights))
         chosen = tuple(dict.fromkeys([*names, *(a.name for a in self.adapters.values() if a.pinned)]))
         w = {n: float(weights.get(n, self.adapters[n].weight)) for n in chosen}
-        if chosen == self.active and w == self.weights:
+        fuse = bool(chosen) and self._fixed()
+        if chosen == self.active and w == self.weights and self.fused == fuse:
             return
         self._unfuse()
         self._apply(chosen, w)
-        if chosen and self._fixed():
+        if fuse:
             for expert, model in self.experts.items():
                 here = [n for n in chosen if expert in self.adapters[n].experts]
                 if here:
                     model.fuse_lora(adapter_names=here)
             self.fused = True
+
+    def disable(self) -> None:
+        """Every adapter off, pinned ones too: the base model."""
+        self._unfuse()
+        self._apply(())
 
     def _apply(self, chosen: Sequence[str], weights: Mapping[str, float] | None = None) -> None:
         weights = dict(weights or {n: self.weights.get(n, self.adapters[n].weight) for n in chosen})

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from storymem.config import ModelConfig, StoryMemConfig
 from storymem.lora import (
     AdapterStack,
+    LoraKeyError,
     convert_to_diffusers,
     load_release,
     native_lora_state_dict,
@@ -155,20 +156,28 @@ def test_one_set_is_fused_and_a_pinned_adapter_stacks_on_it(release):
     with pytest.raises(ValueError, match="settings.transition"):
         pipe.activate_lora("mi2v")
 
+    # A file that fails to load leaves the stack as it was, fused again on the next activation.
+    with pytest.raises(LoraKeyError):
+        pipe.lora.add("broken", {"low": {"blocks.0.norm3.lora_A.weight": torch.zeros(RANK, 64)}})
+    assert "broken" not in pipe.transformer_2.peft_config and not pipe.lora.fused
+    pipe.activate_lora("mm2v")
+    assert pipe.lora.fused
+    torch.testing.assert_close(_latents(pipe), expected, rtol=1e-4, atol=1e-4)
+
     # A speed-LoRA-like adapter with its own weight, always on: stacked on the M2V set.
     speed = {e: _release_sd(tiny_transformer(TinyWanConfig(), 36), seed=40 + i) for i, e in enumerate(("high", "low"))}
     pipe.lora.add("speed", speed, weight=0.7, pinned=True)
     assert not pipe.lora.fused  # adding unfused the merged set
-    pipe.activate_lora("mm2v")
+    pipe.lora.activate(["m2v_mm2v"], [1.0])
     assert pipe.lora.active == ("m2v_mm2v", "speed") and pipe.lora.fused  # still one combination: fused
+    pipe.activate_lora("mm2v")  # the same combination again: nothing to do
     ref = _merged_pipe(sds, {"mm2v": 1.0})
     _merge(ref.transformer, speed["high"], 0.7)
     _merge(ref.transformer_2, speed["low"], 0.7)
     torch.testing.assert_close(_latents(pipe), _latents(ref), rtol=1e-4, atol=1e-4)
     # Nothing active leaves the base weights exactly.
-    pipe.lora.activate([])
-    pipe.lora.adapters["speed"].pinned = False
-    pipe.lora.activate([])
+    pipe.lora.disable()
+    assert pipe.lora.active == () and not pipe.lora.fused
     plain, _ = build_pipeline(ModelConfig(embedded_weights="random"))
     torch.testing.assert_close(_latents(pipe), _latents(plain), rtol=1e-4, atol=1e-4)
 
