@@ -87,6 +87,9 @@ class ModelProfile:
     boundary: float | None
     t2v_boundary: float | None = None  # expert switch of the text-to-video pair; None: no T2V pair
     has_t2v: bool = False  # a text-to-video model makes shot 1 (else the M2V model with empty memory)
+    # TransitionMode values the loaded LoRA sets serve (build_pipeline fills it in); stories with
+    # another transition are refused at submission (storymem.script.check_transition_supported).
+    transitions: frozenset[str] = frozenset({"none", "mi2v", "mm2v"})
 
 
 def embedded_tokenizer():

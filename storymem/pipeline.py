@@ -106,6 +106,9 @@ def to_video_tensor(frames, height: int, width: int) -> torch.Tensor:
 class StoryMemPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->t2v_transformer->t2v_transformer_2->transformer->transformer_2->vae"
     _optional_components = ["transformer_2", "t2v_transformer", "t2v_transformer_2"]
+    # The M2V LoRA sets on transformer/transformer_2 (attach_lora); none: the base model is the M2V model.
+    lora = None  # storymem.lora.AdapterStack
+    lora_sets: tuple = ()  # storymem.lora.LoraSet, in load order
 
     def __init__(
         self,
@@ -214,6 +217,44 @@ class StoryMemPipeline(DiffusionPipeline):
             m = to_video_tensor(motion, height, width)
             cond[:, : m.shape[1]] = m
         return self.vae_encode(cond.unsqueeze(0))
+
+    # ---------------------------------------------------------------- LoRA sets
+    def attach_lora(self, sets, fuse: str = "auto"):
+        """Load the LoRA sets (storymem.lora.LoraSet) as named adapters on the M2V experts and return
+        the AdapterStack (further adapters, e.g. speed LoRAs, stack on it). The T2V transformers get
+        none: shot 1 by a separate T2V model runs without an M2V LoRA."""
+        from .lora import AdapterStack
+
+        if self.lora is None:
+            if self.transformer_2 is not None:
+                experts = {"high": self.transformer, "low": self.transformer_2}
+            else:  # one transformer: the low-noise file is its LoRA
+                experts = {"low": self.transformer}
+            self.lora = AdapterStack(experts, fuse=fuse)
+        for lora_set in sets:
+            self.lora.add_set(lora_set)
+        self.lora_sets = (*self.lora_sets, *sets)
+        return self.lora
+
+    @property
+    def supported_transitions(self) -> frozenset[str]:
+        """TransitionMode values the loaded sets serve (all three without sets)."""
+        from .lora import supported_transitions
+
+        return supported_transitions(self.lora_sets)
+
+    def activate_lora(self, transition) -> str | None:
+        """Switch the M2V experts to the set of a story's transition before its shot; returns the
+        adapter name (None without sets). Raises ValueError naming settings.transition when no
+        loaded set serves it. Every shot of a story uses its set, shot 1 too when no separate T2V
+        model is loaded (it is then made by the M2V model without memory)."""
+        from .lora import select_set
+
+        chosen = select_set(self.lora_sets, getattr(transition, "value", transition))
+        if chosen is None:
+            return None
+        self.lora.activate([chosen.name])
+        return chosen.name
 
     # ---------------------------------------------------------------- call
     def _experts(self, mode: ShotMode):
@@ -394,30 +435,20 @@ class StoryMemPipeline(DiffusionPipeline):
 def build_pipeline(cfg=None):
     """The pipeline a process uses: local weights when configured, else the embedded tiny models.
 
-    Applies the M2V LoRA to each expert, places the models on the device (or sets up offloading)
+    Loads the M2V LoRA sets on the experts (storymem.lora), places the models on the device (or sets up offloading)
     and returns (pipeline, profile)."""
     from . import models
     from .config import ModelConfig
-    from .lora import load_m2v_lora
+    from .lora import configured_sets
 
     cfg = cfg or ModelConfig()
+    sets = configured_sets(cfg)  # a missing file fails here, before any weights are read
     device = models.resolve_device(cfg)
     dtype = models.resolve_dtype(cfg, device)
     if cfg.embedded:
         components, profile = models.build_embedded(cfg)
     else:
         components, profile = models.load_local(cfg, dtype)
-    high, low = components["transformer"], components["transformer_2"]
-    if low is None:
-        # One transformer (Wan2.1-style or small checkpoints): the low-noise LoRA is its LoRA.
-        lora = cfg.lora_low_noise or cfg.lora_high_noise
-        if lora is not None:
-            load_m2v_lora(high, lora, fuse=True)
-    else:
-        if cfg.lora_high_noise is not None:
-            load_m2v_lora(high, cfg.lora_high_noise, fuse=True)
-        if cfg.lora_low_noise is not None:
-            load_m2v_lora(low, cfg.lora_low_noise, fuse=True)
     pipe = StoryMemPipeline(
         **components,
         boundary_ratio=profile.boundary,
@@ -427,12 +458,24 @@ def build_pipeline(cfg=None):
         default_negative_prompt=profile.defaults.get("negative_prompt"),
     )
     pipe.set_progress_bar_config(disable=True)
-    if device.type == "cuda" and cfg.offload == "model":
-        pipe.enable_model_cpu_offload(device=device)
-    elif device.type == "cuda" and cfg.offload == "sequential":
-        pipe.enable_sequential_cpu_offload(device=device)
-    else:
+    if sets:
+        pipe.attach_lora(sets)
+    profile.transitions = pipe.supported_transitions
+
+    def first_activation():  # a single set is fused here, once
+        if sets:
+            pipe.activate_lora(sorted(pipe.supported_transitions)[0])
+
+    offload = cfg.offload if device.type == "cuda" else "none"
+    if offload == "none":
         pipe.to(device)
+        first_activation()  # on the device: merging 14B weights on a CPU takes a while
+    else:
+        first_activation()  # before offloading hooks take the weights
+        if offload == "model":
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe.enable_sequential_cpu_offload(device=device)
     if cfg.compile and device.type == "cuda":
         for t in (pipe.transformer, pipe.transformer_2, pipe.t2v_transformer, pipe.t2v_transformer_2):
             if t is not None:
