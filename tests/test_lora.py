@@ -128,7 +128,7 @@ def test_both_sets_unfused_and_each_shot_uses_its_stories_set(release):
     for transition, key in (("mm2v", "mm2v"), ("mi2v", "mi2v"), ("none", "mi2v"), ("mm2v", "mm2v")):
         request = ShotRequest(
             story="s", index=1, prompt="a fox runs through snow", mode="m2v", seed=4,
-            settings=GenerationSettings(**SIZE, seed=4, transition=transition).model_dump(mode="json"), memory=MEMORY,
+            settings=GenerationSettings(**SIZE, seed=4, transition=transition), memory=MEMORY,
         )  # fmt: skip
         frames = generator.generate(request).frames
         assert pipe.lora.active == (f"m2v_{key}",) and not pipe.lora.fused
