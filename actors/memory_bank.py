@@ -63,7 +63,9 @@ class MemoryBankActor:
     def describe(self, story: str) -> list[dict]:
         return self._bank(story).describe()
 
-    def update(self, story, shot, frames, embeddings, quality, cfg: MemoryConfig, tail_frames: int, skip: int = 0) -> list[int]:
+    def update(
+        self, story, shot, frames, embeddings, quality, cfg: MemoryConfig, tail_frames: int, skip: int = 0
+    ) -> list[int]:
         bank = self._bank(story)
         selected = bank.update(shot, frames, embeddings, quality, cfg, tail_frames=tail_frames, skip=skip)
         # Ahead of the manifest until the director commits: `open` then compares with the state key.

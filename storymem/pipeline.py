@@ -421,15 +421,21 @@ class StoryMemPipeline(DiffusionPipeline):
         made_by = "m2v" if conditioned else "t2v"
         if output_type == "latent":
             self.maybe_free_model_hooks()
-            return StoryMemPipelineOutput(frames=shot_latents, mode=mode.value, timings=timings, model=made_by, notes=notes)
+            return StoryMemPipelineOutput(
+                frames=shot_latents, mode=mode.value, timings=timings, model=made_by, notes=notes
+            )
         t0 = time.perf_counter()
         video = self.vae_decode(shot_latents)[0]  # (3, F, H, W)
         timings["decode"] = time.perf_counter() - t0
         self.maybe_free_model_hooks()
         if output_type == "pt":
-            return StoryMemPipelineOutput(frames=video, mode=mode.value, timings=timings, model=made_by, notes=notes)
+            return StoryMemPipelineOutput(
+                frames=video, mode=mode.value, timings=timings, model=made_by, notes=notes
+            )
         frames = ((video.permute(1, 2, 3, 0) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
-        return StoryMemPipelineOutput(frames=frames, mode=mode.value, timings=timings, model=made_by, notes=notes)
+        return StoryMemPipelineOutput(
+            frames=frames, mode=mode.value, timings=timings, model=made_by, notes=notes
+        )
 
 
 def build_pipeline(cfg=None):

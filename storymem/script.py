@@ -195,7 +195,10 @@ class GenerationSettings(BaseModel):
         "integer timesteps differ by up to 4.",
     )
     t2v_shift: float = Field(
-        12.0, gt=0.0, le=20.0, description="Timestep shift of shot 1 when a text-to-video model makes it (Wan2.2-T2V-A14B: 12)."
+        12.0,
+        gt=0.0,
+        le=20.0,
+        description="Timestep shift of shot 1 when a text-to-video model makes it (Wan2.2-T2V-A14B: 12).",
     )
     t2v_guidance_scale: float | None = Field(
         None,

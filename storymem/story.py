@@ -139,7 +139,12 @@ class PipelineGenerator:
         self.pipe.activate_lora(request.transition)
         out = self.pipe(**request.pipeline_kwargs(), step_callback=step_callback)
         return ShotResult(
-            frames=out.frames, mode=out.mode, timings=out.timings, generator=self.name, model=out.model, notes=list(out.notes)
+            frames=out.frames,
+            mode=out.mode,
+            timings=out.timings,
+            generator=self.name,
+            model=out.model,
+            notes=list(out.notes),
         )
 
 
@@ -311,7 +316,8 @@ class StoryRunner:
                 legacy = {**_V1_SETTINGS, "t2v_shift": manifest.settings.get("shift", 4.0)}
                 if manifest.settings.get("negative_prompt") is None:
                     legacy["negative_prompt"] = WAN_NEGATIVE_PROMPT_EN
-                manifest.settings = {**manifest.settings, **{k: v for k, v in legacy.items() if manifest.settings.get(k) is None}}
+                missing = {k: v for k, v in legacy.items() if manifest.settings.get(k) is None}
+                manifest.settings = {**manifest.settings, **missing}
                 manifest.version = MANIFEST_VERSION
             self.settings = GenerationSettings.model_validate(manifest.settings)
             return manifest

@@ -111,7 +111,9 @@ class TrainConfig(BaseModel):
     memory_candidates: int = Field(
         3, ge=1, le=256, description="Frames of a clip that may serve as memory (evenly spaced, first and last included)."
     )
-    fix: int = Field(3, ge=0, description="Memory sink size (with memory_mask 'sink_window': the first `fix` memory frames get mask 1, later ones 2).")
+    fix: int = Field(
+        3, ge=0, description="Memory sink size; with memory_mask 'sink_window' the first `fix` memory frames get 1, later ones 2."
+    )
     memory_mask: MemoryMask = Field(
         MemoryMask.ONES, description="Mask value of memory frames, as at inference (GenerationSettings.memory_mask)."
     )
