@@ -160,6 +160,13 @@ class GenerationSettings(BaseModel):
     )
     max_memory_size: int = Field(10, ge=1, le=64, description="Memory bank capacity in keyframes.")
     fix: int = Field(3, ge=0, le=64, description="Memory sink: the first `fix` keyframes are never evicted.")
+    use_memory: bool = Field(
+        True,
+        description="False: shots 2..N are generated without memory (the ablation 'memory removed' that "
+        "bench/proof.py measures): an M2V shot becomes text-to-video, an MI2V/MM2V transition keeps its motion "
+        "frames but no memory. Shot 1 (text, or the reference images) is unchanged, and the bank is still "
+        "updated and stored, so a run shows what memory would have held; each shot's memory_used is empty.",
+    )
 
     @model_validator(mode="after")
     def _fix_within_bank(self) -> "GenerationSettings":
