@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.storymem-installed
-STORY  ?= ../shared/st-bench/cat.json
+STORY  ?= examples/toy_story_reference.json
+DEMO_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -22,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m storymem.demo --story $(STORY)
+	$(PY) -m storymem.demo --story $(STORY) $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider

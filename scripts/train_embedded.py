@@ -6,7 +6,7 @@ Stages (each skipped when its output is already in --workdir, so an interrupted 
 1. render the training stories (storymem.toyworld, identities of the 'train' split only);
 2. train the tiny AutoencoderKLWan on reconstruction (a random one reconstructs nothing), then fold
    its latent statistics into it so the pipeline's latent normalisation gives unit-scale latents;
-3. train the M2V transformer from scratch with storymem.train (full training, memory from other
+3. train the M2V transformer from scratch with storymem.training (full training, memory from other
    shots of the same story, velocity loss on shot frames only, sigma uniform over the whole range);
    the text encoder stays frozen random;
 4. write the bundle (models.save_bundle format) to --out, the transformer in both expert slots.
@@ -37,7 +37,7 @@ import torch
 from storymem import models, toyworld
 from storymem.config import ModelConfig
 from storymem.models import TinyWanConfig
-from storymem.train import TrainConfig, Trainer, fresh_copy, normalise_vae_latents, reinit_autoencoder, train_vae
+from storymem.training import TrainConfig, Trainer, fresh_copy, normalise_vae_latents, reinit_autoencoder, train_vae
 
 log = logging.getLogger("train_embedded")
 REPO = Path(__file__).resolve().parents[1]

@@ -142,7 +142,7 @@ def collect(source: str, cfg: StoryMemConfig, pattern: str = "*.json", settings:
 # ---------------------------------------------------------------------------------------- table
 
 
-def read_table(out: str, cfg: StoryMemConfig) -> list[Row]:
+def read_batch_table(out: str, cfg: StoryMemConfig) -> list[Row]:
     import pyarrow.parquet as pq
 
     if out.startswith("s3://"):
@@ -160,7 +160,7 @@ def read_table(out: str, cfg: StoryMemConfig) -> list[Row]:
     return [Row(**{k: v for k, v in r.items() if k in names}) for r in table.to_pylist()]
 
 
-def write_table(rows: list[Row], out: str, cfg: StoryMemConfig) -> None:
+def write_batch_table(rows: list[Row], out: str, cfg: StoryMemConfig) -> None:
     """Write the table (atomically for a local file)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -348,10 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(settings, dict):
             parser.error("--settings: expected a JSON object")
     rows = collect(args.scripts, cfg, args.pattern, settings)
-    previous = read_table(args.out, cfg)
+    previous = read_batch_table(args.out, cfg)
 
     def save() -> None:
-        write_table(rows, args.out, cfg)
+        write_batch_table(rows, args.out, cfg)
 
     run(
         rows,

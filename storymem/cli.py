@@ -148,13 +148,13 @@ def _read_settings(path: Path) -> dict:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from storymem.train import add_train_parser
+    from storymem.training import add_train_parser
 
     add_train_parser(sub)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from storymem.train import run_train
+    from storymem.training import run_train
 
     return run_train(args)
 

@@ -1,10 +1,15 @@
-"""`make demo`: one story through the whole distributed engine on this machine.
+"""`make demo`: a story through the whole distributed engine on this machine, beside the same story
+with memory removed.
 
 Starts a local S3 server (SeaweedFS; data under ./.storymem/s3, a free port, random credentials) and
-a private local Ray, starts the story engine on the embedded models, submits the story, shows its
-progress, downloads the final video from the bucket and prints where it is; then stops both.
+a private local Ray, starts the story engine on the embedded models, submits the story twice (as
+written, and with `settings.use_memory = false`: shots 2..N without memory, the ablation
+bench/proof.py measures), shows their progress, mirrors each story's objects from the bucket into
+out/<id>/ (the layout of a `storymem run` folder), writes a side-by-side video (with memory | memory
+removed, shot by shot) and a contact sheet PNG (one row per condition, one column per shot), prints
+where they are, then stops both.
 
-    python -m storymem.demo --story ../shared/st-bench/cat.json [--out out]
+    python -m storymem.demo --story examples/toy_story_reference.json [--out out] [--no-compare]
 """
 
 from __future__ import annotations
@@ -60,7 +65,57 @@ def _follow(engine, status: dict, quiet: bool) -> dict:
             bars.close()
 
 
-def run_demo(story: Path, out: Path, data: Path, quiet: bool = False) -> int:
+def with_memory_removed(request):
+    """The same request with `settings.use_memory = false` (every other setting as the story set it)."""
+    from storymem.script import GenerationSettings
+
+    settings = GenerationSettings.model_validate({**request.settings.model_dump(exclude_unset=True), "use_memory": False})
+    return request.model_copy(update={"settings": settings})
+
+
+def run_stories(engine, store, requests: dict, out: Path, quiet: bool = False) -> dict:
+    """Submit every request (label -> StoryRequest) to the engine, follow them to the end and mirror
+    each finished story from `store` into out/<id>/. Returns label -> final status, with "dir" (the
+    local run folder) added; raises RuntimeError naming the story that did not finish."""
+    import ray
+
+    from storymem.compare import mirror_story
+    from storymem.storage import StoryLayout
+
+    submitted = {
+        label: ray.get(engine.submit.remote(req.model_dump(mode="json", exclude_unset=True))) for label, req in requests.items()
+    }
+    results = {}
+    for label, status in submitted.items():  # the engine runs them together; events wait in its log
+        name = requests[label].script.story_name or "story"
+        print(f"story {status['id']} ({name}, {label}): {status['shots_total']} shots", flush=True)
+        status = _follow(engine, status, quiet)
+        if status["state"] != "done":
+            raise RuntimeError(f"story {status['id']} ({label}) {status['state']}: {status['error']}")
+        status["dir"] = mirror_story(store, StoryLayout(status["id"]), out / status["id"])
+        results[label] = status
+    return results
+
+
+def write_comparison(results: dict, folder: Path) -> dict:
+    """The side-by-side video and the contact sheet of the runs (label -> status with "dir") in `folder`."""
+    from storymem.compare import contact_sheet, side_by_side_video
+
+    runs = {label: status["dir"] for label, status in results.items()}
+    files = {
+        "side_by_side": side_by_side_video(runs, folder / "memory_vs_removed.mp4"),
+        "contact_sheet": contact_sheet(runs, folder / "contact_sheet.png"),
+    }
+    # MERGE(h11): the storyboard of both runs, beside each other. The lead wires this at merge:
+    #     from storymem.board import write_board
+    #     files["board"] = write_board(runs[WITH], compare_dir=runs[REMOVED])
+    return files
+
+
+WITH, REMOVED = "with memory", "memory removed"
+
+
+def run_demo(story: Path, out: Path, data: Path, quiet: bool = False, compare: bool = True) -> int:
     from storymem.script import ScriptError, load_request
 
     try:
@@ -69,6 +124,7 @@ def run_demo(story: Path, out: Path, data: Path, quiet: bool = False) -> int:
         for field, problem in exc.errors:
             print(f"{field}: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    requests = {WITH: request, REMOVED: with_memory_removed(request)} if compare else {WITH: request}
 
     import ray
 
@@ -89,23 +145,26 @@ def run_demo(story: Path, out: Path, data: Path, quiet: bool = False) -> int:
             )
             print("starting the story engine (loading the embedded models)...", flush=True)
             engine = start_engine(cfg)
-            status = ray.get(engine.submit.remote(request.model_dump(mode="json", exclude_unset=True)))
-            name = request.script.story_name or "story"
-            print(f"story {status['id']} ({name}): {status['shots_total']} shots", flush=True)
-            status = _follow(engine, status, quiet)
-            if status["state"] != "done":
-                print(f"story {status['state']}: {status['error']}", file=sys.stderr)
-                return 1
             store = S3Store(cfg.storage)
-            key = status["video_key"]
-            local = out / status["id"] / "final.mp4"
-            local.parent.mkdir(parents=True, exist_ok=True)
-            store.get_file(key, local)
-            per_shot = status["seconds_per_shot"]
-            print(f"done in {time.perf_counter() - t0:.0f} s ({sum(per_shot) / len(per_shot):.1f} s a shot)")
-            print(f"bucket key:    s3://{cfg.storage.bucket}/{key}")
-            print(f"presigned URL: {store.url(key)}  (valid while this demo's S3 server runs)")
-            print(f"local file:    {local.resolve()}")
+            t_stories = time.perf_counter()
+            try:
+                results = run_stories(engine, store, requests, out, quiet)
+            except RuntimeError as exc:
+                print(str(exc), file=sys.stderr)
+                return 1
+            t_made = time.perf_counter()
+            main = results[WITH]
+            files = write_comparison(results, main["dir"]) if compare else {}
+            per_shot = [x for r in results.values() for x in r["seconds_per_shot"]]
+            print(
+                f"done in {time.perf_counter() - t0:.0f} s: {len(results)} stories in {t_made - t_stories:.0f} s "
+                f"({sum(per_shot) / len(per_shot):.1f} s a shot), comparison in {time.perf_counter() - t_made:.1f} s"
+            )
+            for label, r in results.items():
+                print(f"{label + ':':16s} {Path(r['dir']).resolve()}/  (final.mp4; bucket s3://{cfg.storage.bucket}/{r['video_key']})")
+            print(f"presigned URL:   {store.url(main['video_key'])}  (valid while this demo's S3 server runs)")
+            for name, path in files.items():
+                print(f"{name.replace('_', ' ') + ':':16s} {Path(path).resolve()}")
             return 0
         finally:
             ray.shutdown()
@@ -115,11 +174,14 @@ def run_demo(story: Path, out: Path, data: Path, quiet: bool = False) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m storymem.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--story", type=Path, required=True, help="story script (ST-Bench or flat form)")
-    parser.add_argument("--out", type=Path, default=Path("out"), help="where final videos are saved (out/<id>/)")
+    parser.add_argument("--out", type=Path, default=Path("out"), help="each story is mirrored to out/<id>/ (a `storymem run` folder)")
     parser.add_argument("--data", type=Path, default=Path(".storymem"), help="the local S3 server's data lives here")
     parser.add_argument("--quiet", action="store_true", help="one line per shot instead of progress bars")
+    parser.add_argument(
+        "--no-compare", dest="compare", action="store_false", help="only the story as written (no memory-removed run beside it)"
+    )
     args = parser.parse_args(argv)
-    return run_demo(args.story, args.out, args.data, args.quiet)
+    return run_demo(args.story, args.out, args.data, args.quiet, args.compare)
 
 
 if __name__ == "__main__":

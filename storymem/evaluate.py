@@ -298,7 +298,7 @@ def results_table(metrics: Sequence[StoryMetrics]):
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def write_table(metrics: Sequence[StoryMetrics], path: str | Path) -> Path:
+def write_metrics_table(metrics: Sequence[StoryMetrics], path: str | Path) -> Path:
     import pyarrow.parquet as pq
 
     path = Path(path)
@@ -467,7 +467,7 @@ def run_eval(args: argparse.Namespace) -> int:
     except (ValueError, ValidationError, OSError) as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    table = write_table(metrics, args.out / "results.parquet")
+    table = write_metrics_table(metrics, args.out / "results.parquet")
     report = write_report(metrics, args.out / "report.html")
     print(json.dumps({"stories": len(metrics), **summary(metrics), "table": str(table), "report": str(report)}))
     return 0

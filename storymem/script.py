@@ -212,6 +212,13 @@ class GenerationSettings(BaseModel):
         description="With reference images: the shots take the first reference's aspect ratio at the area "
         "width x height (each side rounded to a multiple of 16). None: true unless the story sets width or height.",
     )
+    use_memory: bool = Field(
+        True,
+        description="False: shots 2..N are generated without memory (the ablation 'memory removed' that "
+        "bench/proof.py measures): an M2V shot becomes text-to-video, an MI2V/MM2V transition keeps its motion "
+        "frames but no memory. Shot 1 (text, or the reference images) is unchanged, and the bank is still "
+        "updated and stored, so a run shows what memory would have held; each shot's memory_used is empty.",
+    )
 
     @model_validator(mode="after")
     def _fix_within_bank(self) -> "GenerationSettings":

@@ -402,6 +402,9 @@ class StoryRunner:
         shot = self.script.shots[k]
         s = self.settings
         mode = shot_mode(k, shot.cut, s.transition, bool(self.script.reference_images))
+        remembers = k == 0 or s.use_memory  # shot 1's memory is its reference images, kept either way
+        if not remembers and mode == "m2v":
+            mode = "t2v"  # what the pipeline does when called with no memory
         n_motion = _MOTION_FRAMES.get(mode, 0)
         motion = bank.tail if n_motion else None
         if n_motion and (motion is None or len(motion) < n_motion):
@@ -413,7 +416,7 @@ class StoryRunner:
             mode=mode,
             seed=s.seed + k,
             settings=s,
-            memory=[] if mode == "t2v" else bank.images(),
+            memory=bank.images() if remembers and mode != "t2v" else [],
             motion_frames=None if motion is None else motion[-n_motion:],
             fix=s.fix,
         )
@@ -422,7 +425,7 @@ class StoryRunner:
         t_shot = time.perf_counter()
         shot = self.script.shots[k]
         request = self.request_for(k, bank)
-        memory_used = bank.describe()
+        memory_used = bank.describe() if request.memory else []
         self.emit(Phase.ENCODE, shot=k, step=0)
 
         steps_total = self.settings.num_inference_steps

@@ -309,7 +309,7 @@ def write_training_set(
     num_frames: int = 13,
     split: Split = "train",
 ) -> Path:
-    """Render stories to `root/clips/*.npy` and write `root/manifest.parquet` (see storymem.train).
+    """Render stories to `root/clips/*.npy` and write `root/manifest.parquet` (see storymem.training.data).
 
     One clip per shot; a story is a group (its clips share the character). Returns the manifest path."""
     import pyarrow as pa

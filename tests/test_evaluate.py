@@ -22,7 +22,7 @@ from storymem.evaluate import (
     sample_frames,
     summary,
     write_report,
-    write_table,
+    write_metrics_table,
 )
 from storymem.scoring import Scorer
 from storymem.stitch import write_video
@@ -176,7 +176,7 @@ def test_summary_table_and_report_from_metrics(tmp_path, scorer):
     metrics = [Evaluator(scorer, enc).evaluate_story(s) for s in stories]
     mean = summary(metrics)
     assert mean["consistency"] == pytest.approx(0.5, abs=1e-4)  # 1 and 0
-    path = write_table(metrics, tmp_path / "r.parquet")
+    path = write_metrics_table(metrics, tmp_path / "r.parquet")
     assert pq.read_table(path).column("consistency").to_pylist() == pytest.approx([1.0, 0.0], abs=1e-4)
     report = write_report(metrics, tmp_path / "r.html")
     assert "<img" in report.read_text() and "two" in report.read_text()

@@ -151,8 +151,8 @@ def test_batch_collect_validates_scripts_and_digests(tmp_path):
     assert rows["bad"].state == "invalid" and "shots.0.cut" in rows["bad"].error
     assert rows["G"].script_digest == script_digest(load_script(tmp_path / "good.json"))
     out = tmp_path / "t.parquet"
-    batch.write_table(list(rows.values()), str(out), StoryMemConfig())
-    back = {r.story_name: r for r in batch.read_table(str(out), StoryMemConfig())}
+    batch.write_batch_table(list(rows.values()), str(out), StoryMemConfig())
+    back = {r.story_name: r for r in batch.read_batch_table(str(out), StoryMemConfig())}
     assert back["G"].script_digest == rows["G"].script_digest and back["bad"].state == "invalid"
 
 
@@ -516,9 +516,9 @@ def test_batch_reads_an_s3_prefix_and_writes_its_table_to_the_bucket(stack):
     state = {r.script.rsplit("/", 1)[1]: r.state for r in rows}
     assert state == {"broken.json": "invalid", "moon.json": "pending", "tide.json": "pending"}
     out = f"s3://{bucket}/results/t.parquet"
-    batch.write_table(rows, out, cfg)
+    batch.write_batch_table(rows, out, cfg)
     assert store.exists("results/t.parquet")
-    back = batch.read_table(out, cfg)
+    back = batch.read_batch_table(out, cfg)
     assert [(r.script, r.script_digest) for r in back] == [(r.script, r.script_digest) for r in rows]
     store.delete_prefix("inputs/")
     store.delete_prefix("results/")

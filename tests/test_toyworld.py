@@ -92,10 +92,10 @@ def test_identity_error_separates_characters():
 
 
 def test_training_set_manifest(tmp_path):
-    from storymem.train import read_manifest
+    from storymem.training import read_clip_manifest
 
     manifest = tw.write_training_set(tmp_path, num_stories=3, shots_per_story=2, seed=5)
-    records = read_manifest(manifest)
+    records = read_clip_manifest(manifest)
     assert len(records) == 6 and len({r.group_id for r in records}) == 3
     clip = np.load(tmp_path / records[0].path)
     assert clip.shape == (13, 48, 64, 3) and clip.dtype == np.uint8

@@ -14,12 +14,12 @@ import torch
 from storymem import toyworld
 from storymem.config import ModelConfig
 from storymem.m2v import memory_frames
-from storymem.train import (
+from storymem.training import (
     TrainConfig,
     Trainer,
     add_train_parser,
     normalise_vae_latents,
-    read_manifest,
+    read_clip_manifest,
     run_train,
 )
 
@@ -187,10 +187,10 @@ def test_bad_inputs_are_named(manifest, tmp_path):
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"clip_id": ["a"], "path": ["x.npy"], "prompt": ["p"]}), bad)
     with pytest.raises(ValueError, match="group_id"):
-        read_manifest(bad)
+        read_clip_manifest(bad)
     pq.write_table(pa.table({"clip_id": ["a", "a"], "group_id": ["g", "g"], "path": ["x", "y"], "prompt": ["p", "q"]}), bad)
     with pytest.raises(ValueError, match=r"clip_id\[1\]"):
-        read_manifest(bad)
+        read_clip_manifest(bad)
     pq.write_table(pa.table({"clip_id": ["a", "b"], "group_id": ["g", "h"], "path": ["x", "y"], "prompt": ["p", "q"]}), bad)
     with pytest.raises(ValueError, match="group_id"):
         Trainer(config(bad, tmp_path / "o"))
@@ -235,7 +235,7 @@ def test_normalise_vae_latents_keeps_reconstruction():
 
 def test_vae_reinit_and_reconstruction_training():
     from storymem.models import build_embedded
-    from storymem.train import fresh_copy, reinit_autoencoder, train_vae
+    from storymem.training import fresh_copy, reinit_autoencoder, train_vae
 
     components, _ = build_embedded(ModelConfig(device="cpu"))
     vae = reinit_autoencoder(fresh_copy(components["vae"], 0), 0)
@@ -255,7 +255,7 @@ DDP_SCRIPT = textwrap.dedent(
     import sys, torch, torch.multiprocessing as mp
     from pathlib import Path
     from storymem.config import ModelConfig
-    from storymem.train import TrainConfig, Trainer
+    from storymem.training import TrainConfig, Trainer
 
     manifest, out = sys.argv[1], Path(sys.argv[2])
 

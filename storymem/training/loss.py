@@ -1,0 +1,43 @@
+"""The M2V flow-matching loss: memory latents and shot latents denoised together under the M2V mask and
+negative memory RoPE positions (m2v.memory_frames), velocity target on the shot frames."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..m2v import memory_frames
+
+
+class M2VLoss(nn.Module):
+    """Holds the expert(s) being trained; forward(batch) -> the summed per-sample flow-matching loss
+    divided by the local batch size. One module, so that DDP wraps every expert at once."""
+
+    def __init__(self, experts: dict[str, nn.Module], memory_loss_weight: float = 0.0):
+        super().__init__()
+        self.experts = nn.ModuleDict(experts)
+        self.memory_loss_weight = memory_loss_weight
+
+    def forward(self, parts: dict[str, dict], batch_size: int) -> torch.Tensor:
+        total = None
+        for name, part in parts.items():
+            model = self.experts[name]
+            sigma = part["sigma"].view(-1, 1, 1, 1, 1)
+            clean = part["clean"]  # (b, z, M + f, h, w): [memory latents | shot latents]
+            noisy = (1.0 - sigma) * clean + sigma * part["noise"]
+            x = torch.cat([noisy, part["condition"]], dim=1).to(model.dtype)
+            m = part["num_memory"]
+            with memory_frames(model, m):
+                pred = model(
+                    hidden_states=x,
+                    timestep=part["sigma"] * 1000.0,
+                    encoder_hidden_states=part["text"].to(model.dtype),
+                    return_dict=False,
+                )[0]
+            # Velocity target on the shot's latent frames; the memory part only with memory_loss_weight.
+            err = (pred.float() - (part["noise"] - clean)).pow(2)
+            per_sample = err[:, :, m:].flatten(1).mean(1)
+            if m and self.memory_loss_weight:
+                per_sample = per_sample + self.memory_loss_weight * err[:, :, :m].flatten(1).mean(1)
+            total = per_sample.sum() if total is None else total + per_sample.sum()
+        return total / batch_size

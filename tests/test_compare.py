@@ -1,0 +1,90 @@
+"""The demo's comparison outputs: a stored story mirrored into a `storymem run` folder, the
+side-by-side video and the contact sheet of a story with memory and with memory removed."""
+
+import json
+
+import numpy as np
+import pytest
+
+from storymem.compare import contact_sheet, mirror_story, read_run_shots, side_by_side_video
+from storymem.config import ModelConfig, StoryMemConfig
+from storymem.demo import with_memory_removed
+from storymem.pipeline import build_pipeline
+from storymem.scoring import Scorer
+from storymem.script import load_request
+from storymem.stitch import probe_video, read_video
+from storymem.storage import LocalStore, StoryLayout
+from storymem.story import PipelineGenerator, StoryRunner
+
+TINY = dict(width=48, height=32, num_frames=9, num_inference_steps=2, guidance_scale=2.0, seed=3)
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory):
+    """Two stories stored as the engine stores them (stories/<id>/...): as written, memory removed."""
+    cfg = StoryMemConfig(model=ModelConfig(embedded_weights="random"))
+    pipe, _ = build_pipeline(cfg.model)
+    scorer = Scorer(cfg.scoring)
+    store = LocalStore(tmp_path_factory.mktemp("bucket"))
+    request = load_request({
+        "story_name": "pair",
+        "shots": [{"prompt": f"shot {i}: a red square on grey", "cut": c} for i, c in enumerate((True, True, False))],
+        "settings": TINY,
+    })
+    ids = {}
+    for label, req in (("with memory", request), ("memory removed", with_memory_removed(request))):
+        layout = StoryLayout(f"pair-{len(ids)}")
+        StoryRunner(store, layout, req.script, req.settings, PipelineGenerator(pipe), scorer, cfg.memory).run()
+        ids[label] = layout
+    return store, ids
+
+
+def test_memory_removed_request_keeps_every_other_setting():
+    request = load_request({"shots": [{"prompt": "a"}], "settings": {"seed": 5, "transition": "mm2v"}})
+    removed = with_memory_removed(request)
+    assert removed.settings.use_memory is False and request.settings.use_memory is True
+    assert removed.settings.model_dump(exclude_unset=True) == {"seed": 5, "transition": "mm2v", "use_memory": False}
+
+
+def test_mirror_gives_a_run_folder(bucket, tmp_path):
+    store, ids = bucket
+    layout = ids["with memory"]
+    dest = mirror_story(store, layout, tmp_path / layout.story_id)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert manifest["state"] == "done" and manifest["final"] == "final.mp4"
+    for shot in manifest["shots"]:
+        # Keys are relative to the folder, as in a `storymem run` folder, and name files that exist.
+        for key in [shot["video"], shot["memory_after"], shot["memory_state"], *(kf["key"] for kf in shot["keyframes"])]:
+            assert not key.startswith("stories/") and (dest / key).is_file(), key
+    assert (dest / "shots" / "001.mp4").read_bytes() == store.get_bytes(layout.shot(1))
+    assert (dest / "memory" / "002.npz").read_bytes() == store.get_bytes(layout.memory_state(2))
+    assert json.loads((dest / "script.json").read_text())["story_name"] == "pair"
+    with pytest.raises(ValueError, match="manifest"):
+        mirror_story(store, StoryLayout("never-stored"), tmp_path / "none")
+
+
+def test_side_by_side_video_and_contact_sheet(bucket, tmp_path):
+    from PIL import Image
+
+    store, ids = bucket
+    runs = {label: mirror_story(store, layout, tmp_path / layout.story_id) for label, layout in ids.items()}
+    shots = {label: read_run_shots(folder)[0] for label, folder in runs.items()}
+    assert [len(s) for s in shots.values()] == [3, 3]
+
+    video = side_by_side_video(runs, tmp_path / "sbs.mp4", scale=2)
+    info = probe_video(video)
+    assert info["frames"] == 3 * 9 and info["fps"] == 16
+    assert info["width"] == 2 * 2 * 48 + 6 and info["height"] == 2 * 32 + 18
+    frames = read_video(video)
+    # Shot 2, frame 4: the left panel is the with-memory run's, the right one memory removed (after the gap).
+    left = frames[9 + 4, 18:, : 2 * 48]
+    right = frames[9 + 4, 18:, 2 * 48 + 6 :]
+    a, b = shots["with memory"][1][4], shots["memory removed"][1][4]
+    small = lambda x: x[::2, ::2].astype(int)
+    assert np.abs(small(left) - a).mean() < np.abs(small(left) - b).mean()
+    assert np.abs(small(right) - b).mean() < np.abs(small(right) - a).mean()
+
+    sheet = Image.open(contact_sheet(runs, tmp_path / "sheet.png", scale=2))
+    assert sheet.size == (150 + 3 * 2 * 48 + 2 * 6, 2 * (2 * 32 + 18) + 6)
+    row1 = np.asarray(sheet.convert("RGB"))[18 : 18 + 64, 150 + 96 + 6 : 150 + 2 * 96 + 6]  # row 1, shot 2's middle frame
+    np.testing.assert_allclose(row1[::2, ::2].astype(int), shots["with memory"][1][4].astype(int), atol=1)
