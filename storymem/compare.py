@@ -6,8 +6,10 @@
   that anything that reads a run folder (the storyboard, `storymem eval`) reads it.
 * `side_by_side_video(runs, path)`: the runs' shots next to each other, shot after shot, labelled.
 * `contact_sheet(runs, path)`: one row per run, one column per shot (each shot's middle frame).
+* `memory_removed(body)`: a story request body with `settings.use_memory = false`;
+  `write_comparison(runs, folder)`: the video and the sheet together (what `make demo` writes).
 
-`runs` maps a label ("with memory", "memory removed") to a run folder. Plain library, no Ray.
+`runs` maps a label (WITH_MEMORY, MEMORY_REMOVED) to a run folder. Plain library, no Ray.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 
 from .storage import ArtifactStore, StoryLayout
 
+WITH_MEMORY, MEMORY_REMOVED = "with memory", "memory removed"
 LABEL_HEIGHT = 18  # pixels of the caption bar above each panel
 GAP = 6  # pixels between panels
 
@@ -168,3 +171,27 @@ def contact_sheet(runs: Mapping[str, str | os.PathLike], path: str | os.PathLike
     out.save(tmp, format="PNG")
     tmp.replace(path)
     return path
+
+
+def memory_removed(body: dict) -> dict:
+    """A copy of a story request body (`{"script": ..., "settings": ...}`, as the engine and the HTTP
+    API take it) with `settings.use_memory = false`; every other setting as the story set it."""
+    if not isinstance(body, dict):
+        raise ValueError(f"request: expected a mapping with 'script' and 'settings', got {type(body).__name__}")
+    settings = body.get("settings") or {}
+    if not isinstance(settings, dict):
+        raise ValueError("settings: expected a mapping")
+    return {**body, "settings": {**settings, "use_memory": False}}
+
+
+def write_comparison(runs: Mapping[str, str | os.PathLike], folder: str | os.PathLike) -> dict[str, Path]:
+    """`memory_vs_removed.mp4` (side by side) and `contact_sheet.png` of `runs` in `folder`."""
+    folder = Path(folder)
+    files = {
+        "side by side": side_by_side_video(runs, folder / "memory_vs_removed.mp4"),
+        "contact sheet": contact_sheet(runs, folder / "contact_sheet.png"),
+    }
+    # MERGE(h11): the storyboard of both runs, shot by shot. The lead wires this at merge:
+    #     from .board import write_board
+    #     files["storyboard"] = write_board(runs[WITH_MEMORY], compare_dir=runs[MEMORY_REMOVED])
+    return files

@@ -65,16 +65,8 @@ def _follow(engine, status: dict, quiet: bool) -> dict:
             bars.close()
 
 
-def with_memory_removed(request):
-    """The same request with `settings.use_memory = false` (every other setting as the story set it)."""
-    from storymem.script import GenerationSettings
-
-    settings = GenerationSettings.model_validate({**request.settings.model_dump(exclude_unset=True), "use_memory": False})
-    return request.model_copy(update={"settings": settings})
-
-
-def run_stories(engine, store, requests: dict, out: Path, quiet: bool = False) -> dict:
-    """Submit every request (label -> StoryRequest) to the engine, follow them to the end and mirror
+def run_stories(engine, store, bodies: dict, out: Path, quiet: bool = False) -> dict:
+    """Submit every request body (label -> dict) to the engine, follow them to the end and mirror
     each finished story from `store` into out/<id>/. Returns label -> final status, with "dir" (the
     local run folder) added; raises RuntimeError naming the story that did not finish."""
     import ray
@@ -82,12 +74,10 @@ def run_stories(engine, store, requests: dict, out: Path, quiet: bool = False) -
     from storymem.compare import mirror_story
     from storymem.storage import StoryLayout
 
-    submitted = {
-        label: ray.get(engine.submit.remote(req.model_dump(mode="json", exclude_unset=True))) for label, req in requests.items()
-    }
+    submitted = {label: ray.get(engine.submit.remote(body)) for label, body in bodies.items()}
     results = {}
     for label, status in submitted.items():  # the engine runs them together; events wait in its log
-        name = requests[label].script.story_name or "story"
+        name = bodies[label]["script"].get("story_name") or "story"
         print(f"story {status['id']} ({name}, {label}): {status['shots_total']} shots", flush=True)
         status = _follow(engine, status, quiet)
         if status["state"] != "done":
@@ -97,25 +87,8 @@ def run_stories(engine, store, requests: dict, out: Path, quiet: bool = False) -
     return results
 
 
-def write_comparison(results: dict, folder: Path) -> dict:
-    """The side-by-side video and the contact sheet of the runs (label -> status with "dir") in `folder`."""
-    from storymem.compare import contact_sheet, side_by_side_video
-
-    runs = {label: status["dir"] for label, status in results.items()}
-    files = {
-        "side_by_side": side_by_side_video(runs, folder / "memory_vs_removed.mp4"),
-        "contact_sheet": contact_sheet(runs, folder / "contact_sheet.png"),
-    }
-    # MERGE(h11): the storyboard of both runs, beside each other. The lead wires this at merge:
-    #     from storymem.board import write_board
-    #     files["board"] = write_board(runs[WITH], compare_dir=runs[REMOVED])
-    return files
-
-
-WITH, REMOVED = "with memory", "memory removed"
-
-
 def run_demo(story: Path, out: Path, data: Path, quiet: bool = False, compare: bool = True) -> int:
+    from storymem.compare import MEMORY_REMOVED, WITH_MEMORY, memory_removed, write_comparison
     from storymem.script import ScriptError, load_request
 
     try:
@@ -124,7 +97,8 @@ def run_demo(story: Path, out: Path, data: Path, quiet: bool = False, compare: b
         for field, problem in exc.errors:
             print(f"{field}: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    requests = {WITH: request, REMOVED: with_memory_removed(request)} if compare else {WITH: request}
+    body = request.model_dump(mode="json", exclude_unset=True)
+    bodies = {WITH_MEMORY: body, MEMORY_REMOVED: memory_removed(body)} if compare else {WITH_MEMORY: body}
 
     import ray
 
@@ -148,13 +122,14 @@ def run_demo(story: Path, out: Path, data: Path, quiet: bool = False, compare: b
             store = S3Store(cfg.storage)
             t_stories = time.perf_counter()
             try:
-                results = run_stories(engine, store, requests, out, quiet)
+                results = run_stories(engine, store, bodies, out, quiet)
             except RuntimeError as exc:
                 print(str(exc), file=sys.stderr)
                 return 1
             t_made = time.perf_counter()
-            main = results[WITH]
-            files = write_comparison(results, main["dir"]) if compare else {}
+            main = results[WITH_MEMORY]
+            runs = {label: r["dir"] for label, r in results.items()}
+            files = write_comparison(runs, main["dir"]) if compare else {}
             per_shot = [x for r in results.values() for x in r["seconds_per_shot"]]
             print(
                 f"done in {time.perf_counter() - t0:.0f} s: {len(results)} stories in {t_made - t_stories:.0f} s "
@@ -164,7 +139,7 @@ def run_demo(story: Path, out: Path, data: Path, quiet: bool = False, compare: b
                 print(f"{label + ':':16s} {Path(r['dir']).resolve()}/  (final.mp4; bucket s3://{cfg.storage.bucket}/{r['video_key']})")
             print(f"presigned URL:   {store.url(main['video_key'])}  (valid while this demo's S3 server runs)")
             for name, path in files.items():
-                print(f"{name.replace('_', ' ') + ':':16s} {Path(path).resolve()}")
+                print(f"{name + ':':16s} {Path(path).resolve()}")
             return 0
         finally:
             ray.shutdown()

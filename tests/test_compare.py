@@ -6,9 +6,17 @@ import json
 import numpy as np
 import pytest
 
-from storymem.compare import contact_sheet, mirror_story, read_run_shots, side_by_side_video
+from storymem.compare import (
+    MEMORY_REMOVED,
+    WITH_MEMORY,
+    contact_sheet,
+    memory_removed,
+    mirror_story,
+    read_run_shots,
+    side_by_side_video,
+    write_comparison,
+)
 from storymem.config import ModelConfig, StoryMemConfig
-from storymem.demo import with_memory_removed
 from storymem.pipeline import build_pipeline
 from storymem.scoring import Scorer
 from storymem.script import load_request
@@ -26,13 +34,14 @@ def bucket(tmp_path_factory):
     pipe, _ = build_pipeline(cfg.model)
     scorer = Scorer(cfg.scoring)
     store = LocalStore(tmp_path_factory.mktemp("bucket"))
-    request = load_request({
+    body = {
         "story_name": "pair",
         "shots": [{"prompt": f"shot {i}: a red square on grey", "cut": c} for i, c in enumerate((True, True, False))],
         "settings": TINY,
-    })
+    }
     ids = {}
-    for label, req in (("with memory", request), ("memory removed", with_memory_removed(request))):
+    for label, b in ((WITH_MEMORY, body), (MEMORY_REMOVED, memory_removed(body))):
+        req = load_request(b)
         layout = StoryLayout(f"pair-{len(ids)}")
         StoryRunner(store, layout, req.script, req.settings, PipelineGenerator(pipe), scorer, cfg.memory).run()
         ids[label] = layout
@@ -40,15 +49,19 @@ def bucket(tmp_path_factory):
 
 
 def test_memory_removed_request_keeps_every_other_setting():
-    request = load_request({"shots": [{"prompt": "a"}], "settings": {"seed": 5, "transition": "mm2v"}})
-    removed = with_memory_removed(request)
-    assert removed.settings.use_memory is False and request.settings.use_memory is True
-    assert removed.settings.model_dump(exclude_unset=True) == {"seed": 5, "transition": "mm2v", "use_memory": False}
+    body = {"script": {"shots": [{"prompt": "a"}]}, "settings": {"seed": 5, "transition": "mm2v"}}
+    removed = memory_removed(body)
+    assert removed == {"script": body["script"], "settings": {"seed": 5, "transition": "mm2v", "use_memory": False}}
+    assert "use_memory" not in body["settings"]  # the original is left alone
+    assert load_request(removed).settings.use_memory is False and load_request(body).settings.use_memory is True
+    assert memory_removed({"script": body["script"]})["settings"] == {"use_memory": False}
+    with pytest.raises(ValueError, match="settings"):
+        memory_removed({"script": body["script"], "settings": [1]})
 
 
 def test_mirror_gives_a_run_folder(bucket, tmp_path):
     store, ids = bucket
-    layout = ids["with memory"]
+    layout = ids[WITH_MEMORY]
     dest = mirror_story(store, layout, tmp_path / layout.story_id)
     manifest = json.loads((dest / "manifest.json").read_text())
     assert manifest["state"] == "done" and manifest["final"] == "final.mp4"
@@ -79,12 +92,15 @@ def test_side_by_side_video_and_contact_sheet(bucket, tmp_path):
     # Shot 2, frame 4: the left panel is the with-memory run's, the right one memory removed (after the gap).
     left = frames[9 + 4, 18:, : 2 * 48]
     right = frames[9 + 4, 18:, 2 * 48 + 6 :]
-    a, b = shots["with memory"][1][4], shots["memory removed"][1][4]
+    a, b = shots[WITH_MEMORY][1][4], shots[MEMORY_REMOVED][1][4]
     small = lambda x: x[::2, ::2].astype(int)
     assert np.abs(small(left) - a).mean() < np.abs(small(left) - b).mean()
     assert np.abs(small(right) - b).mean() < np.abs(small(right) - a).mean()
 
+    files = write_comparison(runs, tmp_path / "both")
+    assert probe_video(files["side by side"])["frames"] == 3 * 9 and Image.open(files["contact sheet"]).size[1] == 2 * (3 * 32 + 18) + 6
+
     sheet = Image.open(contact_sheet(runs, tmp_path / "sheet.png", scale=2))
     assert sheet.size == (150 + 3 * 2 * 48 + 2 * 6, 2 * (2 * 32 + 18) + 6)
     row1 = np.asarray(sheet.convert("RGB"))[18 : 18 + 64, 150 + 96 + 6 : 150 + 2 * 96 + 6]  # row 1, shot 2's middle frame
-    np.testing.assert_allclose(row1[::2, ::2].astype(int), shots["with memory"][1][4].astype(int), atol=1)
+    np.testing.assert_allclose(row1[::2, ::2].astype(int), shots[WITH_MEMORY][1][4].astype(int), atol=1)
