@@ -318,6 +318,29 @@ def test_bad_requests_are_refused_with_the_field_named(stack):
         _get(stack.engine.status.remote("no-such-story"))
 
 
+def test_memory_removed_story_and_its_local_mirror(stack, baseline, tmp_path):
+    """`make demo`'s second story: settings.use_memory false through the engine, mirrored from S3
+    into a `storymem run` folder next to the baseline (the story with memory)."""
+    import json
+
+    from storymem.compare import memory_removed, mirror_story, read_run_shots
+    from storymem.storage import StoryLayout
+
+    story_id = _submit(stack, memory_removed(SCRIPT))
+    status = _wait_end(stack, story_id)
+    assert status["state"] == "done", status["error"]
+    removed, kept = _manifest(stack, story_id), _manifest(stack, baseline.id)
+    assert [r.mode for r in kept.shots] == ["t2v", "mi2v", "m2v"]
+    assert [r.mode for r in removed.shots] == ["t2v", "mi2v", "t2v"]  # no memory: the cut shot is text-to-video
+    assert all(r.memory_used == [] for r in removed.shots) and kept.shots[2].memory_used
+    runs = {name: mirror_story(stack.store, StoryLayout(i), tmp_path / i) for name, i in (("kept", baseline.id), ("removed", story_id))}
+    shots = {name: read_run_shots(folder)[0] for name, folder in runs.items()}
+    np.testing.assert_array_equal(shots["kept"][0], shots["removed"][0])  # shot 1 is the same shot
+    assert np.abs(shots["kept"][2].astype(int) - shots["removed"][2].astype(int)).mean() > 1.0
+    manifest = json.loads((runs["removed"] / "manifest.json").read_text())
+    assert manifest["final"] == "final.mp4" and all((runs["removed"] / r["video"]).is_file() for r in manifest["shots"])
+
+
 def test_restarted_engine_rebuilds_its_stories_from_storage(stack, baseline):
     import ray
 
