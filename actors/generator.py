@@ -18,12 +18,13 @@ import numpy as np
 import ray
 
 from storymem.config import EngineConfig, ModelConfig
+from storymem.speed import SpeedConfig
 from storymem.story import ShotRequest, StoryCancelled
 
 
 @ray.remote(concurrency_groups={"control": 4}, max_restarts=0)
 class ShotGeneratorActor:
-    def __init__(self, model_cfg: ModelConfig, name: str, threads: int | None = None):
+    def __init__(self, model_cfg: ModelConfig, name: str, threads: int | None = None, speed: SpeedConfig | None = None):
         import torch
 
         from storymem.pipeline import build_pipeline
@@ -31,7 +32,7 @@ class ShotGeneratorActor:
         if threads:
             torch.set_num_threads(threads)
         self.name = name
-        self.pipe, self.profile = build_pipeline(model_cfg)
+        self.pipe, self.profile = build_pipeline(model_cfg, speed)
         self._lock = threading.Lock()
         self._cancelled: set[str] = set()
         self._current: tuple[str, str] | None = None  # (token, story) of the shot being made

@@ -13,7 +13,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from .speed import SpeedConfig
 
 
 class _Strict(BaseModel):
@@ -66,7 +68,9 @@ class ModelConfig(_Strict):
     rope_shift: int = Field(
         5, ge=1, le=64, description="S: memory frame i of M gets temporal RoPE position -(M - i) * S."
     )
-    compile: bool = Field(False, description="torch.compile the repeated transformer blocks (GPU only).")
+    compile: bool = Field(
+        False, description="torch.compile the repeated transformer blocks (GPU only). Older spelling of speed.compile."
+    )
 
     @property
     def embedded(self) -> bool:
@@ -221,6 +225,20 @@ class StoryMemConfig(_Strict):
     storage: StorageConfig = Field(default_factory=StorageConfig.from_env)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig, validate_default=True)  # env token applies too
+    speed: SpeedConfig = Field(
+        default_factory=SpeedConfig,
+        description="Speed and memory mode of the generators (storymem.speed; presets exact, cached, fast, "
+        "lowvram, compiled). Per deployment: a mode changes the built models.",
+    )
+
+    @model_validator(mode="after")
+    def _speed_with_model(self) -> "StoryMemConfig":
+        if self.speed.group_offload != "none" and self.model.offload != "none":
+            raise ValueError(
+                f"speed.group_offload: {self.speed.group_offload} replaces model.offload; set model.offload "
+                f"'none' (got {self.model.offload!r})"
+            )
+        return self
 
     @field_validator("service", mode="after")
     @classmethod

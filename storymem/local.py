@@ -58,7 +58,7 @@ def run_story(
     manifest.json. Pipeline and scorer may be passed in to reuse loaded models."""
     cfg = cfg or StoryMemConfig()
     if pipeline is None:
-        pipeline, profile = build_pipeline(cfg.model)
+        pipeline, profile = build_pipeline(cfg.model, cfg.speed)
         settings = request.settings.resolve(profile.defaults)
         model_name = profile.name
     else:

@@ -61,6 +61,7 @@ def to_video_tensor(frames, height: int, width: int) -> torch.Tensor:
 class StoryMemPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->t2v_transformer->t2v_transformer_2->transformer->transformer_2->vae"
     _optional_components = ["transformer_2", "t2v_transformer", "t2v_transformer_2"]
+    speed = None  # the storymem.speed.SpeedConfig applied by apply_speed; None: the plain pipeline
 
     def __init__(
         self,
@@ -158,6 +159,22 @@ class StoryMemPipeline(DiffusionPipeline):
         return self.vae_encode(cond.unsqueeze(0))
 
     # ---------------------------------------------------------------- call
+    def shot_scheduler(self, num_inference_steps: int, shift: float, device) -> UniPCMultistepScheduler:
+        """A fresh scheduler for one shot: UniPC on flow sigmas, or the speed mode's sampler."""
+        if self.speed is not None and self.speed.sampler.kind != "unipc":
+            from .speed import make_scheduler
+
+            return make_scheduler(self.speed.sampler, self.scheduler.config, num_inference_steps, shift, device)
+        scheduler = UniPCMultistepScheduler.from_config(self.scheduler.config, flow_shift=shift)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        return scheduler
+
+    @staticmethod
+    def _denoise(model, branch: str, x, timestep, embeds):
+        # One cache context per guidance branch: a step cache compares a branch only with itself.
+        with model.cache_context(branch):
+            return model(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+
     def _experts(self, mode: ShotMode):
         if mode == ShotMode.T2V and self.t2v_transformer is not None:
             return self.t2v_transformer, self.t2v_transformer_2, False
@@ -227,6 +244,10 @@ class StoryMemPipeline(DiffusionPipeline):
         device = self._execution_device
         high, low, conditioned = self._experts(mode)
         boundary = self.config.boundary_ratio if low is not None else None
+        if self.speed is not None:
+            from .speed import check_shot
+
+            check_shot(self.speed, num_inference_steps, guidance_scale, guidance_scale_2)
         guidance_scale_2 = guidance_scale if guidance_scale_2 is None else guidance_scale_2
         if memory_guidance_scale < 1.0:
             raise ValueError(f"memory_guidance_scale: must be >= 1 (1 = off), got {memory_guidance_scale}")
@@ -259,8 +280,10 @@ class StoryMemPipeline(DiffusionPipeline):
             generator = torch.Generator("cpu").manual_seed(0 if seed is None else int(seed))
         z = self.vae.config.z_dim
         latents = torch.randn((1, z, m + f, h, w), generator=generator, dtype=torch.float32).to(device)
-        scheduler = UniPCMultistepScheduler.from_config(self.scheduler.config, flow_shift=shift)
-        scheduler.set_timesteps(num_inference_steps, device=device)
+        scheduler = self.shot_scheduler(num_inference_steps, shift, device)
+        for t in (high, low):
+            if t is not None and getattr(t, "is_cache_enabled", False):
+                t._reset_stateful_cache()  # a shot stopped early (cancel) leaves cached residuals behind
         boundary_t = None if boundary is None else boundary * scheduler.config.num_train_timesteps
         total = len(scheduler.timesteps)
         with memory_frames(high, m), (memory_frames(low, m) if low is not None else contextlib.nullcontext()):
@@ -271,11 +294,9 @@ class StoryMemPipeline(DiffusionPipeline):
                 x = latents if condition is None else torch.cat([latents, condition], dim=1)
                 x = x.to(model.dtype)
                 timestep = t.expand(1)
-                noise = model(hidden_states=x, timestep=timestep, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+                noise = self._denoise(model, "cond", x, timestep, prompt_embeds)
                 if do_cfg and scale != 1.0:
-                    uncond = model(
-                        hidden_states=x, timestep=timestep, encoder_hidden_states=negative_embeds, return_dict=False
-                    )[0]
+                    uncond = self._denoise(model, "uncond", x, timestep, negative_embeds)
                     guided = uncond + scale * (noise - uncond)
                 else:
                     guided = noise
@@ -284,7 +305,7 @@ class StoryMemPipeline(DiffusionPipeline):
                     # dropout showed them; only the shot frames are guided.
                     x0 = torch.cat([latents[:, :, m:], no_memory_condition], dim=1).to(model.dtype)
                     with memory_frames(model, 0):
-                        plain = model(hidden_states=x0, timestep=timestep, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+                        plain = self._denoise(model, "no_memory", x0, timestep, prompt_embeds)
                     shot = guided[:, :, m:] + (memory_guidance_scale - 1.0) * (noise[:, :, m:] - plain)
                     guided = torch.cat([guided[:, :, :m], shot], dim=2)
                 noise = guided
@@ -307,14 +328,16 @@ class StoryMemPipeline(DiffusionPipeline):
         return StoryMemPipelineOutput(frames=frames, mode=mode.value, timings=timings)
 
 
-def build_pipeline(cfg=None):
+def build_pipeline(cfg=None, speed=None):
     """The pipeline a process uses: local weights when configured, else the embedded tiny models.
 
-    Applies the M2V LoRA to each expert, places the models on the device (or sets up offloading)
-    and returns (pipeline, profile)."""
+    Applies the M2V LoRA to each expert, then the speed mode (`speed`: a storymem.speed.SpeedConfig,
+    None: exact), which places the models on the device (or sets up offloading); returns
+    (pipeline, profile), the profile's defaults including those the speed mode implies."""
     from . import models
     from .config import ModelConfig
     from .lora import load_m2v_lora
+    from .speed import apply_speed, mode_defaults
 
     cfg = cfg or ModelConfig()
     device = models.resolve_device(cfg)
@@ -341,14 +364,7 @@ def build_pipeline(cfg=None):
         max_sequence_length=profile.max_sequence_length,
     )
     pipe.set_progress_bar_config(disable=True)
-    if device.type == "cuda" and cfg.offload == "model":
-        pipe.enable_model_cpu_offload(device=device)
-    elif device.type == "cuda" and cfg.offload == "sequential":
-        pipe.enable_sequential_cpu_offload(device=device)
-    else:
-        pipe.to(device)
-    if cfg.compile and device.type == "cuda":
-        for t in (pipe.transformer, pipe.transformer_2, pipe.t2v_transformer, pipe.t2v_transformer_2):
-            if t is not None:
-                t.compile_repeated_blocks(fullgraph=True)
+    # Speed mode (storymem.speed): extra LoRAs, FP8, placement/offload, compile, step caching.
+    apply_speed(pipe, speed, device, offload=cfg.offload, model_compile=cfg.compile)
+    profile.defaults.update(mode_defaults(speed))
     return pipe, profile
