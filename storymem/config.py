@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from .parallel import ParallelConfig
 from .speed import SpeedConfig
 
 
@@ -231,8 +232,20 @@ class StoryMemConfig(_Strict):
         "lowvram, compiled). Per deployment: a mode changes the built models.",
     )
 
+    parallel: ParallelConfig = Field(
+        default_factory=ParallelConfig,
+        description="Ranks per generator (storymem.parallel): ulysses_degree x ring_degree processes, one GPU each, "
+        "make every shot together (actors/gang.py). 1: one process per generator.",
+    )
+
     @model_validator(mode="after")
     def _speed_with_model(self) -> "StoryMemConfig":
+        n = self.parallel.world_size
+        if n > 1 and self.engine.gpus_per_generator not in (0, n):
+            raise ValueError(
+                f"engine.gpus_per_generator: a gang of {n} ranks (parallel.ulysses_degree x ring_degree) takes "
+                f"{n} GPUs, one per rank (0 on CPU); got {self.engine.gpus_per_generator:g}"
+            )
         if self.speed.group_offload != "none" and self.model.offload != "none":
             raise ValueError(
                 f"speed.group_offload: {self.speed.group_offload} replaces model.offload; set model.offload "
