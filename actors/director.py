@@ -171,7 +171,7 @@ class ActorStoryRunner(StoryRunner):
     def stitch(self, manifest: Manifest) -> None:
         self.emit(Phase.STITCH, shot=self.script.num_shots - 1)
         out = get(self.stitcher.stitch.remote(self.layout.story_id, manifest.model_dump_json()))
-        manifest.final, manifest.final_frames = out["final"], out["final_frames"]
+        manifest.final, manifest.final_frames, manifest.stitch = out["final"], out["final_frames"], out.get("stitch")
 
 
 @ray.remote(max_restarts=0, max_concurrency=4)

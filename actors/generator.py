@@ -68,6 +68,7 @@ class ShotGenerator:
 
         def work() -> None:
             try:
+                self.pipe.activate_lora(request.transition)  # the LoRA set of the story's transition
                 out = self.pipe(**request.pipeline_kwargs(), step_callback=on_step)
                 events.put(("done", out))
             except BaseException as e:  # handed to the streaming side, which re-raises it
@@ -126,8 +127,13 @@ class ShotGenerator:
 
     @ray.method(concurrency_group="control")
     def profile_info(self) -> dict:
-        """The loaded model's name and the settings defaults stories resolve against."""
-        return {"name": self.profile.name, "defaults": dict(self.profile.defaults)}
+        """The loaded model's name, the settings defaults stories resolve against and the transitions
+        its LoRA sets serve."""
+        return {
+            "name": self.profile.name,
+            "defaults": dict(self.profile.defaults),
+            "transitions": sorted(self.profile.transitions),
+        }
 
 
 ShotGeneratorActor = ray.remote(concurrency_groups={"control": 4}, max_restarts=0)(ShotGenerator)

@@ -20,10 +20,10 @@ class Stitcher:
         self.stitched = 0
 
     def stitch(self, story_id: str, manifest_json: str) -> dict:
-        """Stitch the shots the manifest names; returns {final: key, final_frames: n}."""
+        """Stitch the shots the manifest names; returns {final: key, final_frames: n, stitch: how}."""
         manifest = Manifest.model_validate_json(manifest_json)
         if manifest.story_id != story_id:
             raise ValueError(f"manifest: belongs to story {manifest.story_id}, not {story_id}")
-        key, frames = stitch_story(self.store, StoryLayout(story_id), manifest)
+        key, frames, how = stitch_story(self.store, StoryLayout(story_id), manifest)
         self.stitched += 1
-        return {"final": key, "final_frames": frames}
+        return {"final": key, "final_frames": frames, "stitch": how}

@@ -109,9 +109,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"--config: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    manifest = run_story(
-        request, args.out, cfg, progress=not args.quiet, reference_base_dir=args.script.resolve().parent
-    )
+    try:
+        manifest = run_story(
+            request, args.out, cfg, progress=not args.quiet, reference_base_dir=args.script.resolve().parent
+        )
+    except ScriptError as exc:  # e.g. settings.transition without a loaded LoRA set; nothing was written
+        _print_errors(exc.errors)
+        return EXIT_BAD_INPUT
+    except FileNotFoundError as exc:  # a configured model or LoRA file is missing
+        print(f"--config: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if manifest.state != "done":
         print(f"story {manifest.state}: {manifest.error}", file=sys.stderr)
         return 1

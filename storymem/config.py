@@ -36,13 +36,40 @@ class ModelConfig(_Strict):
         description="Local diffusers folder of the image-to-video model that M2V adapts "
         "(Wan2.2-I2V-A14B-Diffusers: 36 input channels, transformer + transformer_2).",
     )
+    lora_release: Path | None = Field(
+        None,
+        description="Folder of the released M2V LoRA sets (a snapshot of Hugging Face Kevin-thu/StoryMem): "
+        "Wan2.2-MI2V-A14B/ and/or Wan2.2-MM2V-A14B/, each with backbone_high_noise and backbone_low_noise "
+        "(.safetensors or .pth). Each set is loaded as a named peft adapter on both experts (m2v_mi2v, m2v_mm2v) "
+        "and every shot uses the set of its story's transition (mi2v stories the MI2V set, mm2v the MM2V set, "
+        "'none' the MI2V set when both are loaded); a story whose transition no loaded set serves is refused. "
+        "Exclusive with lora_high_noise/lora_low_noise.",
+    )
+    lora_release_sets: list[Literal["mi2v", "mm2v"]] | None = Field(
+        None,
+        min_length=1,
+        description="Which sets of lora_release to load. None: every set folder found (at least one). One set "
+        "is fused into the experts (no LoRA cost per step); two stay unfused adapters switched per shot "
+        "(each set adds its LoRA weights to GPU memory, ~1.1 GiB per A14B expert in bf16 at rank 128, and "
+        "a low-rank matmul per targeted linear layer).",
+    )
     lora_high_noise: Path | None = Field(
-        None, description="M2V LoRA for the high-noise expert (backbone_high_noise.pth, or a diffusers LoRA file)."
+        None,
+        description="A single LoRA of your own for the high-noise expert (e.g. `storymem train` output, or "
+        "one released backbone_high_noise file); serves the transitions in lora_transitions. For the release "
+        "use lora_release instead.",
     )
     lora_low_noise: Path | None = Field(
         None,
-        description="M2V LoRA for the low-noise expert (backbone_low_noise.pth). For a single-transformer "
-        "checkpoint only this one is used.",
+        description="The single LoRA for the low-noise expert (see lora_high_noise). For a single-transformer "
+        "checkpoint only this one is used (lora_high_noise when it is the only one given).",
+    )
+    lora_transitions: list[Literal["none", "mi2v", "mm2v"]] = Field(
+        ["none", "mi2v", "mm2v"],
+        min_length=1,
+        description="Transitions the single LoRA (lora_high_noise/lora_low_noise) was trained for; stories "
+        "with another transition are refused. Set ['none', 'mi2v'] for a released MI2V file, ['none', 'mm2v'] "
+        "for an MM2V one.",
     )
     embedded_weights: Literal["random"] | Path | None = Field(
         None,
@@ -72,6 +99,16 @@ class ModelConfig(_Strict):
     compile: bool = Field(
         False, description="torch.compile the repeated transformer blocks (GPU only). Older spelling of speed.compile."
     )
+
+    @model_validator(mode="after")
+    def _one_lora_source(self) -> "ModelConfig":
+        if self.lora_release is not None and (self.lora_high_noise is not None or self.lora_low_noise is not None):
+            raise ValueError(
+                "lora_release: give either the release folder or lora_high_noise/lora_low_noise, not both"
+            )
+        if self.lora_release_sets is not None and self.lora_release is None:
+            raise ValueError("lora_release_sets: needs lora_release (the folder the sets are in)")
+        return self
 
     @property
     def embedded(self) -> bool:

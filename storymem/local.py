@@ -9,7 +9,8 @@ from .config import StoryMemConfig
 from .pipeline import build_pipeline
 from .progress import Phase, ProgressEvent
 from .scoring import Scorer
-from .script import StoryRequest
+from .lora import configured_sets, supported_transitions
+from .script import StoryRequest, check_transition_supported
 from .storage import LocalStore, StoryLayout
 from .story import Manifest, PipelineGenerator, StoryRunner
 
@@ -58,11 +59,16 @@ def run_story(
     manifest.json. Pipeline and scorer may be passed in to reuse loaded models."""
     cfg = cfg or StoryMemConfig()
     if pipeline is None:
+        # Refused before the weights load and before anything is written.
+        check_transition_supported(request.settings, supported_transitions(configured_sets(cfg.model)))
         pipeline, profile = build_pipeline(cfg.model, cfg.speed)
         settings = request.settings.resolve(profile.defaults)
         model_name = profile.name
     else:
         settings, model_name = request.settings, type(pipeline).__name__
+    supported = getattr(pipeline, "supported_transitions", None)
+    if supported is not None:
+        check_transition_supported(settings, supported)
     scorer = scorer or Scorer(cfg.scoring)
     store = LocalStore(out_dir)
     layout = StoryLayout(folder_story_id(request.script.story_name), prefix="")

@@ -75,6 +75,9 @@ class ModelProfile:
     defaults: dict
     max_sequence_length: int
     boundary: float | None
+    # TransitionMode values the loaded LoRA sets serve (build_pipeline fills it in); stories with
+    # another transition are refused at submission (storymem.script.check_transition_supported).
+    transitions: frozenset[str] = frozenset({"none", "mi2v", "mm2v"})
 
 
 def embedded_tokenizer():

@@ -62,6 +62,9 @@ class StoryMemPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->t2v_transformer->t2v_transformer_2->transformer->transformer_2->vae"
     _optional_components = ["transformer_2", "t2v_transformer", "t2v_transformer_2"]
     speed = None  # the storymem.speed.SpeedConfig applied by apply_speed; None: the plain pipeline
+    # The M2V LoRA sets on transformer/transformer_2 (attach_lora); none: the base model is the M2V model.
+    lora = None  # storymem.lora.AdapterStack
+    lora_sets: tuple = ()  # storymem.lora.LoraSet, in load order
 
     def __init__(
         self,
@@ -157,6 +160,41 @@ class StoryMemPipeline(DiffusionPipeline):
             m = to_video_tensor(motion, height, width)
             cond[:, : m.shape[1]] = m
         return self.vae_encode(cond.unsqueeze(0))
+
+    # ---------------------------------------------------------------- LoRA sets
+    def attach_lora(self, sets, fuse: str = "auto"):
+        """Load the LoRA sets (storymem.lora.LoraSet) as named adapters on the M2V experts and return
+        the AdapterStack (further adapters, e.g. speed LoRAs, stack on it). The T2V transformers get
+        none: shot 1 by a separate T2V model runs without an M2V LoRA."""
+        from .lora import AdapterStack
+
+        if self.lora is None:
+            experts = {"high": self.transformer, "low": self.transformer_2} if self.transformer_2 is not None else {"low": self.transformer}
+            self.lora = AdapterStack(experts, fuse=fuse)
+        for lora_set in sets:
+            self.lora.add_set(lora_set)
+        self.lora_sets = (*self.lora_sets, *sets)
+        return self.lora
+
+    @property
+    def supported_transitions(self) -> frozenset[str]:
+        """TransitionMode values the loaded sets serve (all three without sets)."""
+        from .lora import supported_transitions
+
+        return supported_transitions(self.lora_sets)
+
+    def activate_lora(self, transition) -> str | None:
+        """Switch the M2V experts to the set of a story's transition before its shot; returns the
+        adapter name (None without sets). Raises ValueError naming settings.transition when no
+        loaded set serves it. Every shot of a story uses its set, shot 1 too when no separate T2V
+        model is loaded (it is then made by the M2V model without memory)."""
+        from .lora import select_set
+
+        chosen = select_set(self.lora_sets, getattr(transition, "value", transition))
+        if chosen is None:
+            return None
+        self.lora.activate([chosen.name])
+        return chosen.name
 
     # ---------------------------------------------------------------- call
     def shot_scheduler(self, num_inference_steps: int, shift: float, device) -> UniPCMultistepScheduler:
@@ -331,32 +369,22 @@ class StoryMemPipeline(DiffusionPipeline):
 def build_pipeline(cfg=None, speed=None):
     """The pipeline a process uses: local weights when configured, else the embedded tiny models.
 
-    Applies the M2V LoRA to each expert, then the speed mode (`speed`: a storymem.speed.SpeedConfig,
-    None: exact), which places the models on the device (or sets up offloading); returns
-    (pipeline, profile), the profile's defaults including those the speed mode implies."""
+    Loads the M2V LoRA sets on the experts (storymem.lora), then applies the speed mode (`speed`: a
+    storymem.speed.SpeedConfig, None: exact), which places the models on the device (or sets up
+    offloading); returns (pipeline, profile), the profile's defaults including the speed mode's."""
     from . import models
     from .config import ModelConfig
-    from .lora import load_m2v_lora
+    from .lora import configured_sets
     from .speed import apply_speed, mode_defaults
 
     cfg = cfg or ModelConfig()
+    sets = configured_sets(cfg)  # a missing file fails here, before any weights are read
     device = models.resolve_device(cfg)
     dtype = models.resolve_dtype(cfg, device)
     if cfg.embedded:
         components, profile = models.build_embedded(cfg)
     else:
         components, profile = models.load_local(cfg, dtype)
-    high, low = components["transformer"], components["transformer_2"]
-    if low is None:
-        # One transformer (Wan2.1-style or small checkpoints): the low-noise LoRA is its LoRA.
-        lora = cfg.lora_low_noise or cfg.lora_high_noise
-        if lora is not None:
-            load_m2v_lora(high, lora, fuse=True)
-    else:
-        if cfg.lora_high_noise is not None:
-            load_m2v_lora(high, cfg.lora_high_noise, fuse=True)
-        if cfg.lora_low_noise is not None:
-            load_m2v_lora(low, cfg.lora_low_noise, fuse=True)
     pipe = StoryMemPipeline(
         **components,
         boundary_ratio=profile.boundary,
@@ -364,7 +392,16 @@ def build_pipeline(cfg=None, speed=None):
         max_sequence_length=profile.max_sequence_length,
     )
     pipe.set_progress_bar_config(disable=True)
-    # Speed mode (storymem.speed): extra LoRAs, FP8, placement/offload, compile, step caching.
-    apply_speed(pipe, speed, device, offload=cfg.offload, model_compile=cfg.compile)
+    if sets:
+        pipe.attach_lora(sets)
+    profile.transitions = pipe.supported_transitions
+
+    def first_activation():  # a single set is fused here, once
+        if sets:
+            pipe.activate_lora(sorted(pipe.supported_transitions)[0])
+
+    # Speed mode (storymem.speed): extra LoRAs, placement/offload (around the first activation), FP8,
+    # compile, step caching.
+    apply_speed(pipe, speed, device, offload=cfg.offload, model_compile=cfg.compile, activate=first_activation)
     profile.defaults.update(mode_defaults(speed))
     return pipe, profile

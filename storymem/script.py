@@ -196,6 +196,22 @@ class GenerationSettings(BaseModel):
             raise ScriptError.from_validation_error(exc, prefix="settings") from None
 
 
+def check_transition_supported(settings: GenerationSettings, supported) -> None:
+    """Refuse a story whose transition no loaded LoRA set serves (model.lora_release loads the MI2V
+    and/or MM2V set; each serves its own continuation and "none"). `supported`: TransitionMode
+    values or members, from the model profile. Raises ScriptError on `settings.transition`."""
+    have = {TransitionMode(getattr(t, "value", t)) for t in supported}
+    if settings.transition in have:
+        return
+    need = {TransitionMode.MI2V: "Wan2.2-MI2V-A14B", TransitionMode.MM2V: "Wan2.2-MM2V-A14B"}.get(settings.transition)
+    loaded = ", ".join(sorted(t.value for t in have)) or "no transition"
+    hint = f"; load the {need} set (model.lora_release)" if need else ""
+    raise ScriptError([(
+        "settings.transition",
+        f"{settings.transition.value!r} is not served by the loaded M2V LoRA sets, which cover {loaded}{hint}",
+    )])
+
+
 # ----------------------------------------------------------------------------------------------
 # Reference images
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -163,8 +164,9 @@ class SpeedConfig(_Strict):
     )
     fuse_loras: bool = Field(
         True,
-        description="Fuse the extra LoRAs into the weights (no per-step cost). False keeps them as peft adapters "
-        "(set_adapters with the weights above), which costs a little per forward.",
+        description="Let the adapter stack fuse the extra LoRAs into the weights when the active combination "
+        "cannot change (at most one M2V set: no per-step cost). False keeps every adapter unfused (set_adapters "
+        "per shot), which costs a little per forward.",
     )
     sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Per-shot sampler and its defaults.")
     cache: CacheConfig = Field(default_factory=CacheConfig, description="Step caching (off by default).")
@@ -318,46 +320,39 @@ def read_speed_lora(path: str | Path) -> dict[str, "torch.Tensor"]:
     return out
 
 
-def _lora_report(transformer, adapter: str, sd: dict) -> None:
+def _check_targets(transformer, adapter: str, sd: dict) -> None:
     names = {n for n, _ in transformer.named_modules()}
     targets = {k.rsplit(".lora_", 1)[0] for k in sd}
     missing = sorted(t for t in targets if t not in names)
     if missing:
-        raise ValueError(f"loras.{adapter}: targets modules the model lacks (fewer blocks?): {missing[:4]}")
+        raise ValueError(f"speed.loras.{adapter}: targets modules the model lacks (fewer blocks?): {missing[:4]}")
 
 
 def stack_loras(pipe, speed: SpeedConfig) -> list[str]:
-    """Load each extra LoRA on its expert(s) with its weight; fuse them when asked. Returns adapter names."""
+    """Load each extra LoRA on its expert(s) as a pinned adapter of the pipeline's AdapterStack
+    (storymem.lora; the M2V sets live there too), one adapter per expert so each has its own weight:
+    `<name>_high`, `<name>_low`. Pinned: every activation of an M2V set includes them. Returns the names."""
+    stack = pipe.lora if pipe.lora is not None else pipe.attach_lora([])
+    if not speed.fuse_loras:
+        stack.fuse = "never"
     high, low = pipe.transformer, pipe.transformer_2
-    loaded: dict[int, tuple] = {}  # id(transformer) -> (transformer, [names], [weights])
+    added = []
     for lo in speed.loras:
-        if low is None:
-            plan = [(high, lo.low_noise or lo.high_noise, lo.weight_low if lo.low_noise else lo.weight_high)]
+        if low is None:  # one transformer: the low-noise file is its LoRA (as for the M2V files)
+            plan = [("low", high, lo.low_noise or lo.high_noise, lo.weight_low if lo.low_noise else lo.weight_high)]
         else:
-            plan = [(t, f, w) for t, f, w in ((high, lo.high_noise, lo.weight_high), (low, lo.low_noise, lo.weight_low)) if f]
-        for transformer, path, weight in plan:
-            existing = set(getattr(transformer, "peft_config", {}) or {})
-            if existing and speed.fuse_loras:
-                # Fusing ours and unloading would also drop unfused adapters already there (the M2V sets
-                # when several are loaded); keep everything as adapters instead.
-                raise ValueError(
-                    f"loras.{lo.name}: the transformer already has unfused adapters {sorted(existing)}; "
-                    "set speed.fuse_loras false to stack on them"
-                )
+            plan = [(e, t, f, w) for e, t, f, w in (("high", high, lo.high_noise, lo.weight_high),
+                                                     ("low", low, lo.low_noise, lo.weight_low)) if f is not None]
+        for expert, transformer, path, weight in plan:
+            name = f"{lo.name}_{expert}"
             sd = read_speed_lora(path)
-            _lora_report(transformer, lo.name, sd)
-            transformer.load_lora_adapter(sd, adapter_name=lo.name, prefix=None)
-            entry = loaded.setdefault(id(transformer), (transformer, [], []))
-            entry[1].append(lo.name)
-            entry[2].append(weight)
-    for transformer, names, weights in loaded.values():
-        others = [n for n in (getattr(transformer, "peft_config", {}) or {}) if n not in names]
-        # Adapters already there keep weight 1 (the M2V set); ours take their configured weights.
-        transformer.set_adapters(others + names, weights=[1.0] * len(others) + weights)
-        if speed.fuse_loras:
-            transformer.fuse_lora(adapter_names=names)
-            transformer.unload_lora()
-    return [lo.name for lo in speed.loras]
+            _check_targets(transformer, lo.name, sd)
+            with warnings.catch_warnings():  # peft warns on every adapter after the first: stacking is the point
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                transformer.load_lora_adapter(sd, adapter_name=name, prefix=None)
+            stack.adopt(name, (expert,), weight=weight, pinned=True)
+            added.append(name)
+    return added
 
 
 # ---------------------------------------------------------------------------------- apply
@@ -381,11 +376,15 @@ def _check_fp8_compute(device: "torch.device") -> None:
         raise ValueError("speed.fp8_compute: torchao is not installed (pip install torchao)") from None
 
 
-def apply_speed(pipe, speed: SpeedConfig | None, device: "torch.device", offload: str = "none", model_compile: bool = False):
+def apply_speed(pipe, speed: SpeedConfig | None, device: "torch.device", offload: str = "none",
+                model_compile: bool = False, activate=None):
     """Apply a speed mode to a freshly built pipeline whose modules are still on the CPU, and place it.
 
-    Order matters: LoRAs are fused on the full-precision weights, FP8 casting comes after them, placement
-    (group offloading needs the weights on the CPU) after that, compile and caches last."""
+    activate: the build's first LoRA activation (storymem.pipeline.build_pipeline: it fuses a single
+    M2V set). The order matters and is fixed here: extra LoRAs join the adapter stack first; the
+    activation fuses on the device when everything is resident (merging 14B weights on a CPU is
+    slow) and before any offload hooks take the weights otherwise; FP8 casting only after that
+    (a merge into FP8 weights would lose the LoRA); offload hooks, compile and caches last."""
     import torch
 
     speed = speed or SpeedConfig()
@@ -393,9 +392,26 @@ def apply_speed(pipe, speed: SpeedConfig | None, device: "torch.device", offload
         _check_fp8_compute(device)
     if speed.group_offload != "none" and offload != "none":
         raise ValueError(f"speed.group_offload: {speed.group_offload} replaces model.offload; got model.offload {offload!r}")
+    offload = offload if device.type == "cuda" else "none"  # CPU: everything stays where it is
     experts = _experts(pipe)
     if speed.loras:
         stack_loras(pipe, speed)
+
+    def first_activation():
+        if activate is not None:
+            activate()
+        if pipe.lora is not None and not pipe.lora.active:
+            pipe.lora.activate([])  # no M2V set: the pinned extra LoRAs alone
+
+    resident = offload == "none" and speed.group_offload == "none"
+    if resident:
+        if speed.text_encoder_on_cpu:
+            for m in pipe.components.values():
+                if isinstance(m, torch.nn.Module) and m is not pipe.text_encoder:
+                    m.to(device)
+        else:
+            pipe.to(device)
+    first_activation()
     compute_dtype = experts[0].dtype if device.type == "cuda" else torch.float32
     if speed.fp8_storage:
         for t in experts:
@@ -405,10 +421,9 @@ def apply_speed(pipe, speed: SpeedConfig | None, device: "torch.device", offload
 
         for t in experts:
             quantize_(t, Float8DynamicActivationFloat8WeightConfig())
-
-    if device.type == "cuda" and offload == "model":
+    if offload == "model":
         pipe.enable_model_cpu_offload(device=device)
-    elif device.type == "cuda" and offload == "sequential":
+    elif offload == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)
     elif speed.group_offload != "none":
         kw = dict(onload_device=device, offload_device=torch.device("cpu"), offload_type=speed.group_offload)
@@ -420,12 +435,6 @@ def apply_speed(pipe, speed: SpeedConfig | None, device: "torch.device", offload
             t.enable_group_offload(**kw)
         for name in ("vae",) + (() if speed.text_encoder_on_cpu else ("text_encoder",)):
             getattr(pipe, name).to(device)
-    elif not speed.text_encoder_on_cpu:
-        pipe.to(device)
-    else:
-        for m in pipe.components.values():
-            if isinstance(m, torch.nn.Module) and m is not pipe.text_encoder:
-                m.to(device)
     if speed.text_encoder_on_cpu:
         pipe.text_encoder.to("cpu")
     if speed.vae_tiling:

@@ -27,7 +27,7 @@ from .config import MemoryConfig
 from .memory import MemoryBank
 from .progress import EventSink, Phase, ProgressEvent
 from .script import GenerationSettings, StoryScript, TransitionMode
-from .stitch import encode_video, overlap_frames, read_video, stitch_files
+from .stitch import encode_video, overlap_frames, read_video, stitch_videos
 from .storage import ArtifactStore, StorageUnavailable, StoryLayout
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,13 @@ class ShotRequest:
     memory: list[np.ndarray] = field(default_factory=list)
     motion_frames: np.ndarray | None = None
     fix: int = 3
+
+    @property
+    def transition(self) -> str:
+        """The story's TransitionMode value: it picks the shot's LoRA set (StoryMemPipeline.activate_lora)."""
+        s = self.settings
+        value = s["transition"] if isinstance(s, dict) else s.transition
+        return getattr(value, "value", value)
 
     def pipeline_kwargs(self) -> dict:
         s = self.settings
@@ -118,6 +125,7 @@ class PipelineGenerator:
         self.name = name
 
     def generate(self, request: ShotRequest, step_callback: StepCallback | None = None) -> ShotResult:
+        self.pipe.activate_lora(request.transition)
         out = self.pipe(**request.pipeline_kwargs(), step_callback=step_callback)
         return ShotResult(frames=out.frames, mode=out.mode, timings=out.timings, generator=self.name)
 
@@ -161,6 +169,11 @@ class Manifest(BaseModel):
     shots: list[ShotRecord] = Field(default_factory=list)
     final: str | None = None
     final_frames: int | None = None
+    stitch: dict | None = Field(
+        None,
+        description="How the final video was made: {method: 'remux' (the shots' H.264 packets copied, no "
+        "re-encoding) or 'reencode', reason: why remuxing was not possible (null after a remux), seconds}.",
+    )
     error: str | None = None
     created: float = Field(default_factory=time.time)
     updated: float = Field(default_factory=time.time)
@@ -401,7 +414,10 @@ class StoryRunner:
         self.emit(Phase.COMMIT, shot=k, step=steps_total)
         t0 = time.perf_counter()
         L = self.layout
-        self.store.put_bytes(L.shot(k), encode_video(frames, fps=self.settings.fps), "video/mp4")
+        drop = 0 if k == 0 else overlap_frames(shot.cut, self.settings.transition)
+        # An IDR frame where the stitched part of the shot begins lets stitching copy packets.
+        video = encode_video(frames, fps=self.settings.fps, keyframes=[drop] if drop else None)
+        self.store.put_bytes(L.shot(k), video, "video/mp4")
         keyframes = []
         for j, i in enumerate(selected):
             self.store.put_bytes(L.keyframe(k, j), _jpeg(frames[i]), "image/jpeg")
@@ -416,7 +432,7 @@ class StoryRunner:
             mode=result.mode,
             seed=request.seed,
             frames=int(frames.shape[0]),
-            drop=0 if k == 0 else overlap_frames(shot.cut, self.settings.transition),
+            drop=drop,
             video=L.shot(k),
             keyframes=keyframes,
             memory_used=memory_used,
@@ -435,12 +451,14 @@ class StoryRunner:
 
     def stitch(self, manifest: Manifest) -> None:
         self.emit(Phase.STITCH, shot=self.script.num_shots - 1)
-        manifest.final, manifest.final_frames = stitch_story(self.store, self.layout, manifest)
+        manifest.final, manifest.final_frames, manifest.stitch = stitch_story(self.store, self.layout, manifest)
 
 
-def stitch_story(store: ArtifactStore, layout: StoryLayout, manifest: Manifest) -> tuple[str, int]:
+def stitch_story(store: ArtifactStore, layout: StoryLayout, manifest: Manifest) -> tuple[str, int, dict]:
     """Assemble the final video from the shots the manifest names (never from unnamed objects),
-    store it and return (key, frames). Used by the runner and by the Ray stitcher."""
+    store it and return (key, frames, how: Manifest.stitch). The shots' packets are remuxed when
+    they allow it, else re-encoded (storymem.stitch.stitch_videos). Used by the runner and by the
+    Ray stitcher."""
     if len(manifest.shots) != manifest.shots_total:
         raise ValueError(f"manifest: {manifest.shots_done} of {manifest.shots_total} shots committed; nothing to stitch yet")
     videos = [store.get_bytes(r.video) for r in manifest.shots]
@@ -448,9 +466,11 @@ def stitch_story(store: ArtifactStore, layout: StoryLayout, manifest: Manifest) 
     fps = GenerationSettings.model_validate(manifest.settings).fps
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "final.mp4"
-        frames = stitch_files(videos, drops, out, fps=fps)
+        report = stitch_videos(videos, drops, out, fps=fps)
         store.put_file(layout.final, out, "video/mp4")
-    return layout.final, frames
+    if report.method == "reencode":
+        log.info("story %s: final video re-encoded (%s)", layout.story_id, report.reason)
+    return layout.final, report.frames, report.as_dict()
 
 
 def _score_each(scorer: FrameScorer, images: list[np.ndarray]):

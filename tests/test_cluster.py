@@ -99,7 +99,7 @@ def test_config_map_is_a_valid_config_with_paths_on_the_model_volume(manifests, 
     cfg = load_config(path)  # unknown keys or bad values raise
     assert "storage" not in yaml.safe_load(cm["data"][key])  # S3 settings come from the environment
     mount = _mount_path(docs, "models")
-    for field in ("t2v_path", "i2v_path", "lora_high_noise", "lora_low_noise"):
+    for field in ("t2v_path", "i2v_path", "lora_release"):
         value = getattr(cfg.model, field)
         assert value is not None and str(value).startswith(mount + "/"), field
     for value in (cfg.scoring.clip_weights, cfg.scoring.aesthetic_weights):
@@ -205,6 +205,6 @@ def test_dockerfile_installs_the_package_and_its_entry_points():
 def test_readme_names_the_files_and_the_values_to_set():
     readme = (CLUSTER / "README.md").read_text()
     for word in ("minio.yaml", "rayservice.yaml", "rayjob-batch.yaml", "Dockerfile", "storymem-models",
-                 "i2v_path", "t2v_path", "lora_high_noise", "lora_low_noise", "STORYMEM_API_TOKEN",
+                 "i2v_path", "t2v_path", "lora_release", "Wan2.2-MI2V-A14B", "Wan2.2-MM2V-A14B", "STORYMEM_API_TOKEN",
                  "make serve", "make stop", "ray job submit"):  # fmt: skip
         assert word in readme, word

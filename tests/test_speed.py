@@ -20,6 +20,9 @@ from storymem.speed import (
     synthetic_lightx2v_lora,
 )
 
+from tests.test_lora import _merge as lora_merge  # noqa: E402
+from tests.test_lora import release  # noqa: E402,F401 - the synthetic M2V release fixture
+
 CPU = torch.device("cpu")
 SHOT = dict(height=48, width=64, num_frames=5, seed=3)
 
@@ -139,8 +142,34 @@ def test_stacked_lightx2v_lora_equals_a_manual_merge(tmp_path):
     assert (want - plain).abs().max() > 1e-2  # the LoRA changes the shot
     for fuse in (True, False):
         stacked, _ = build_pipeline(ModelConfig(embedded_weights="random"), SpeedConfig(loras=[lora], fuse_loras=fuse))
+        assert stacked.lora.fused == fuse and stacked.lora.active == ("lightx2v_high", "lightx2v_low")
         got = _shot(stacked, output_type="latent").frames
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (fuse, float((got - want).abs().max()))
+
+
+def test_speed_lora_stays_on_while_the_m2v_sets_switch(release, tmp_path):
+    """Two released M2V sets (unfused, one active per story) with a LightX2V-format LoRA pinned on top:
+    each set's shot equals the hand merge of that set plus the speed LoRA at its per-expert weights."""
+    from safetensors.torch import save_file
+
+    root, sds = release
+    probe, _ = build_pipeline(ModelConfig(embedded_weights="random"))
+    native = {e: synthetic_lightx2v_lora(t, rank=4, seed=20 + i) for i, (e, t) in
+              enumerate((("high", probe.transformer), ("low", probe.transformer_2)))}
+    for e, sd in native.items():
+        save_file(sd, str(tmp_path / f"{e}.safetensors"))
+    lora = dict(name="lightx2v", high_noise=tmp_path / "high.safetensors", low_noise=tmp_path / "low.safetensors",
+                weight_high=1.2, weight_low=0.8)
+    pipe, _ = build_pipeline(ModelConfig(embedded_weights="random", lora_release=root), SpeedConfig(loras=[lora]))
+    for key in ("mm2v", "mi2v"):
+        pipe.activate_lora(key)
+        assert pipe.lora.active == (f"m2v_{key}", "lightx2v_high", "lightx2v_low") and not pipe.lora.fused
+        ref, _ = build_pipeline(ModelConfig(embedded_weights="random"))
+        for e, t, w in (("high", ref.transformer, 1.2), ("low", ref.transformer_2, 0.8)):
+            lora_merge(t, sds[key][e])
+            manual_merge(t, native[e], w)
+        got, want = (_shot(p, output_type="latent").frames for p in (pipe, ref))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_combinations_are_refused_naming_the_field():

@@ -181,3 +181,79 @@ def test_encoding_is_deterministic(tmp_path, backend):
             writer.write(frames)
         digests.add(path.read_bytes())
     assert len(digests) == 1
+
+
+# ----------------------------------------------------------------- remux
+
+
+def _stored(shots, drops, backend="auto", **kw):
+    """The shots as the story runner stores them: an IDR frame where each shot's kept part begins."""
+    out = []
+    for k, (frames, d) in enumerate(zip(shots, drops)):
+        out.append(_encode(frames, backend=backend, keyframes=[d] if d else None, **kw))
+    return out
+
+
+def _encode(frames, backend="auto", **kw):
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "shot.mp4"
+        with st.VideoWriter(path, backend=backend, **kw) as writer:
+            writer.write(frames)
+        return path.read_bytes()
+
+
+def _kept(stored, drops):
+    return np.concatenate([st.read_video(v)[d:] for v, d in zip(stored, drops)])
+
+
+@pytest.mark.parametrize("backend", ["pyav", "ffmpeg"])
+def test_remuxed_story_decodes_to_exactly_the_kept_frames(tmp_path, backend):
+    # Cuts, MI2V (drop 1) and MM2V (drop 5) continuations in one video.
+    shots = [_video(13, seed=30 + k) for k in range(6)]
+    drops = [0, 1, 0, 5, 5, 1]
+    stored = _stored(shots, drops, backend=backend)
+    # The forced IDR frame holds: the shot alone still decodes (and its frames before the cut are
+    # not needed after it, which the equality below checks: the final never sees them).
+    report = st.stitch_videos(stored, drops, tmp_path / "final.mp4")
+    assert report.method == "remux" and report.reason is None
+    assert report.frames == sum(map(len, shots)) - sum(drops)
+    final = st.read_video(tmp_path / "final.mp4")
+    np.testing.assert_array_equal(final, _kept(stored, drops))
+    info = st.probe_video(tmp_path / "final.mp4")
+    assert info["frames"] == report.frames and info["fps"] == 16.0 and info["codec"] == "h264"
+    # Same shots -> same bytes, for the shots and for the final video.
+    assert _stored(shots, drops, backend=backend) == stored
+    st.stitch_videos(stored, drops, tmp_path / "again.mp4")
+    assert (tmp_path / "again.mp4").read_bytes() == (tmp_path / "final.mp4").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.mp4", "final.mp4"]
+
+
+def test_cut_off_a_keyframe_falls_back_to_reencoding(tmp_path):
+    shots = [_video(13, seed=40), _video(13, seed=41), _video(13, seed=42)]
+    drops = [0, 5, 1]
+    stored = [st.encode_video(s) for s in shots]  # no IDR at frames 5 and 1 (shots stored before)
+    with pytest.raises(st.RemuxUnsupported, match="shot 1: frame 5.*not an IDR"):
+        st.stitch_videos(stored, drops, tmp_path / "final.mp4", method="remux")
+    assert list(tmp_path.iterdir()) == []  # the failed remux left nothing
+    report = st.stitch_videos(stored, drops, tmp_path / "final.mp4")
+    assert report.method == "reencode" and "not an IDR keyframe" in report.reason
+    final = st.read_video(tmp_path / "final.mp4")
+    assert final.shape == (39 - 6, 48, 64, 3)
+    assert _psnr(final, _kept(stored, drops)) > 30  # the same frames, one generation further
+
+
+@pytest.mark.parametrize(
+    ("kw", "differ"), [({"crf": 30}, "extradata"), ({"fps": 8}, "frame rate")]
+)
+def test_shots_with_other_codec_parameters_are_reencoded(tmp_path, kw, differ):
+    shots = [_video(9, seed=50), _video(9, seed=51), _video(9, seed=52)]
+    drops = [0, 1, 0]
+    stored = _stored(shots[:2], drops[:2]) + [_encode(shots[2], **kw)]
+    report = st.stitch_videos(stored, drops, tmp_path / "final.mp4", fps=16)
+    assert report.method == "reencode" and report.reason.startswith("shot 2:") and differ in report.reason
+    assert report.as_dict()["method"] == "reencode" and st.probe_video(tmp_path / "final.mp4")["frames"] == 26
+    # Without the odd shot the same shots remux.
+    assert st.stitch_videos(stored[:2], drops[:2], tmp_path / "two.mp4").method == "remux"

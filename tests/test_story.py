@@ -52,6 +52,11 @@ def test_story_video_drops_overlap_frames(models, tmp_path, transition, drop):
     info = probe_video(tmp_path / "out" / "final.mp4")
     assert info["frames"] == 3 * 9 - drop == manifest.final_frames
     assert info["codec"] == "h264" and info["fps"] == 16
+    # The shots were encoded for a clean cut, so the final video is their packets, not a re-encode:
+    # it decodes to exactly the stored shots' frames after the drops.
+    assert manifest.stitch["method"] == "remux" and manifest.stitch["reason"] is None
+    kept = [read_video(tmp_path / "out" / r.video)[r.drop :] for r in manifest.shots]
+    np.testing.assert_array_equal(read_video(tmp_path / "out" / "final.mp4"), np.concatenate(kept))
 
 
 def test_story_artifacts_and_memory_record(models, tmp_path):
