@@ -56,3 +56,21 @@ def test_gang_of_two_equals_one_process_and_a_lost_rank_loses_the_generator(ray_
             _stream(leader, _request(2), "t2")
     finally:
         release_gang(leader, pg)
+
+
+def test_gang8_manifest_is_one_gang_per_pod():
+    from pathlib import Path
+
+    import yaml
+
+    from storymem.config import StoryMemConfig
+
+    config_map, patch = yaml.safe_load_all((Path(__file__).resolve().parents[1] / "cluster" / "gang8.yaml").read_text())
+    data = yaml.safe_load(config_map["data"]["storymem.yaml"])
+    cfg = StoryMemConfig.model_validate(data)
+    group = next(g for g in patch["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["groupName"] == "gpu8")
+    gpus = int(group["rayStartParams"]["num-gpus"])
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert gpus == limits["nvidia.com/gpu"] == cfg.parallel.world_size == cfg.engine.gpus_per_generator == 8
+    assert cfg.engine.num_generators == group["replicas"]
+    assert 40 % cfg.parallel.ulysses_degree == 0  # Wan 14B heads
