@@ -7,9 +7,11 @@ import pytest
 
 from storymem.config import EngineConfig, ModelConfig
 from storymem.parallel import ParallelConfig
+from storymem.script import GenerationSettings
 from storymem.story import ShotRequest
 
-SETTINGS = dict(height=48, width=64, num_frames=5, num_inference_steps=3, guidance_scale=2.0, memory_guidance_scale=2.0, shift=4.0)
+SETTINGS = GenerationSettings(height=48, width=64, num_frames=5, num_inference_steps=3, guidance_scale=2.0,
+                              memory_guidance_scale=2.0, seed=5).model_dump(mode="json")
 
 
 def _request(index=1):
