@@ -18,26 +18,32 @@ import numpy as np
 import ray
 
 from storymem.config import EngineConfig, ModelConfig
+from storymem.speed import SpeedConfig
 from storymem.story import ShotRequest, StoryCancelled
 
 
-@ray.remote(concurrency_groups={"control": 4}, max_restarts=0)
-class ShotGeneratorActor:
-    def __init__(self, model_cfg: ModelConfig, name: str, threads: int | None = None):
-        import torch
+class ShotGenerator:
+    """The actor's class, undecorated, so that a gang's leader (actors/gang.py) can extend it."""
 
-        from storymem.pipeline import build_pipeline
+    def __init__(self, model_cfg: ModelConfig, name: str, threads: int | None = None, speed: SpeedConfig | None = None):
+        import torch
 
         if threads:
             torch.set_num_threads(threads)
         self.name = name
-        self.pipe, self.profile = build_pipeline(model_cfg)
+        self.pipe, self.profile = self._build(model_cfg, speed)
         self._lock = threading.Lock()
         self._cancelled: set[str] = set()
         self._current: tuple[str, str] | None = None  # (token, story) of the shot being made
         self.calls = 0
         self.busy_s = 0.0
         self.started = time.time()
+
+    def _build(self, model_cfg: ModelConfig, speed: SpeedConfig | None):
+        """(pipeline, profile); a gang leader builds its rank's share of a parallel pipeline instead."""
+        from storymem.pipeline import build_pipeline
+
+        return build_pipeline(model_cfg, speed)
 
     def generate(self, request: ShotRequest, token: str):
         """Make one shot; stops between denoising steps once `cancel` names its token or story."""
@@ -131,6 +137,9 @@ class ShotGeneratorActor:
             "defaults": dict(self.profile.defaults),
             "transitions": sorted(self.profile.transitions),
         }
+
+
+ShotGeneratorActor = ray.remote(concurrency_groups={"control": 4}, max_restarts=0)(ShotGenerator)
 
 
 def generator_options(engine: EngineConfig) -> dict:

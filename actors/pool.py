@@ -19,8 +19,11 @@ from dataclasses import dataclass, field
 import ray
 
 from storymem.config import EngineConfig, ModelConfig
+from storymem.parallel import ParallelConfig
+from storymem.speed import SpeedConfig
 
 from ._common import ACTOR_LOST
+from .gang import release_gang, spawn_gang
 from .generator import ShotGeneratorActor, generator_options
 
 log = logging.getLogger(__name__)
@@ -44,13 +47,17 @@ class _Slot:
     busy_s: float = 0.0
     leases: int = 0
     replaced: int = 0
+    gang: object = None  # the placement group when the generator is a gang of ranks
 
 
 @ray.remote(max_restarts=0)
 class GeneratorPool:
-    def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig):
+    def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, speed: SpeedConfig | None = None,
+                 parallel: ParallelConfig | None = None):
         self.model_cfg = model_cfg
         self.cfg = engine_cfg
+        self.speed = speed
+        self.parallel = parallel or ParallelConfig()  # world_size > 1: each slot is a gang (actors/gang.py)
         self.slots = [_Slot(i) for i in range(engine_cfg.num_generators)]
         self.waiters: deque[tuple[str, int, asyncio.Future]] = deque()
         self.calls: Counter[str] = Counter()
@@ -78,9 +85,12 @@ class GeneratorPool:
         slot.name = f"gen-{slot.index}.{slot.generation}"
         slot.ready, slot.pid, slot.lease = False, None, None
         threads = None if self.cfg.gpus_per_generator else max(1, int(self.cfg.cpus_per_generator))
-        slot.handle = ShotGeneratorActor.options(**generator_options(self.cfg)).remote(
-            self.model_cfg, slot.name, threads
-        )
+        if self.parallel.world_size > 1:
+            slot.handle, slot.gang = spawn_gang(self.model_cfg, self.speed, self.parallel, self.cfg, slot.name, threads)
+        else:
+            slot.handle = ShotGeneratorActor.options(**generator_options(self.cfg)).remote(
+                self.model_cfg, slot.name, threads, self.speed
+            )
         self._background(self._await_ready(slot, slot.generation))
 
     async def _await_ready(self, slot: _Slot, generation: int) -> None:
@@ -115,10 +125,14 @@ class GeneratorPool:
     def _replace(self, slot: _Slot) -> None:
         log.warning("generator %s is gone; starting a replacement", slot.name)
         self._end_lease(slot)
-        try:
-            ray.kill(slot.handle, no_restart=True)
-        except Exception:  # already dead
-            pass
+        if slot.gang is not None:
+            release_gang(slot.handle, slot.gang)
+            slot.gang = None
+        else:
+            try:
+                ray.kill(slot.handle, no_restart=True)
+            except Exception:  # already dead
+                pass
         slot.replaced += 1
         self._spawn(slot)
 

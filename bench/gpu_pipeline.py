@@ -6,7 +6,14 @@ M memory images, CFG, few steps) through the pipeline's own __call__; a stage ta
 extrapolation and method.md's 'Cost at real scale' numbers beside ours.
 
     python bench/gpu_pipeline.py [--model 14b|1.3b] [--offload none|model] [--steps 4] [--memory 10] [--json F]
+    python bench/gpu_pipeline.py --speed fast|exact|cached|lowvram|compiled [--speed-lora]   # a speed mode
     python bench/gpu_pipeline.py --device cpu --tiny     # same code path, tiny sizes, for a CPU check
+
+`--speed MODE` applies a storymem.speed preset through `apply_speed` (placement included) and takes
+the mode's sampler defaults (fast: Euler on 4 fixed sigmas, shift 5, no CFG); the shot time is
+extrapolated to the mode's production step count (40, or the fixed sigma list's length).
+`--speed-lora` stacks a random rank-64 LoRA in the LightX2V key format on both experts (fused), so
+the conversion and fusing path runs at full size too.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from PIL import Image
 from transformers import UMT5Config, UMT5EncoderModel
@@ -26,6 +33,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 from storymem import models
 from storymem.config import ModelConfig
 from storymem.pipeline import StoryMemPipeline
+from storymem.speed import ExtraLora, SpeedConfig, apply_speed, preset, synthetic_lightx2v_lora
 
 TEXT = dict(vocab_size=256384, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
             relative_attention_num_buckets=32)
@@ -96,9 +104,12 @@ def materialize(model: torch.nn.Module, device: torch.device, seed: int) -> torc
     return model.eval().requires_grad_(False)
 
 
-def build(args, device: torch.device, dtype: torch.dtype):
-    """The pipeline with random weights, placed per --offload; returns (pipe, init seconds per part)."""
-    wdev = torch.device("cpu") if args.offload == "model" else device  # 'none': initialise on the GPU directly
+def build(args, device: torch.device, dtype: torch.dtype, speed: SpeedConfig):
+    """The pipeline with random weights, placed per --offload and the speed mode; returns (pipe, init seconds per part)."""
+    # 'none': initialise on the GPU directly; offloaded parts are made on the CPU, where they live.
+    offloaded = args.offload == "model" or speed.group_offload != "none"
+    wdev = torch.device("cpu") if offloaded else device
+    wdevs = {"text_encoder": torch.device("cpu") if offloaded or speed.text_encoder_on_cpu else wdev}
     text = TINY_TEXT if args.tiny else TEXT
     expert = dict(TINY_EXPERT if args.tiny else EXPERT[args.model], text_dim=text["d_model"])
     umt5 = UMT5Config(**text, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1)
@@ -115,11 +126,12 @@ def build(args, device: torch.device, dtype: torch.dtype):
     comps, init = {}, {}
     for i, (name, (factory, dt, keep)) in enumerate(parts.items()):
         t0 = time.perf_counter()
-        comps[name] = materialize(on_meta(factory, dt, keep), wdev, seed=1000 + i)
-        sync(wdev)
+        part_dev = wdevs.get(name, wdev)
+        comps[name] = materialize(on_meta(factory, dt, keep), part_dev, seed=1000 + i)
+        sync(part_dev)
         init[name] = time.perf_counter() - t0
         n = sum(p.numel() for p in comps[name].parameters())
-        print(f"init {name:<14} {n / 1e6:9.1f} M params on {wdev.type}: {init[name]:6.1f} s", flush=True)
+        print(f"init {name:<14} {n / 1e6:9.1f} M params on {part_dev.type}: {init[name]:6.1f} s", flush=True)
     t0 = time.perf_counter()
     pipe = StoryMemPipeline(
         tokenizer=models.embedded_tokenizer(),  # character ids: far below the vocab size
@@ -130,19 +142,35 @@ def build(args, device: torch.device, dtype: torch.dtype):
         **comps,
     )
     pipe.set_progress_bar_config(disable=True)
-    if args.offload == "model":
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.to(device)
+    if args.speed_lora:
+        t1 = time.perf_counter()
+        speed = speed.model_copy(update={"loras": stack_random_loras(pipe)})
+        init["speed LoRA (convert+fuse)"] = time.perf_counter() - t1
+    apply_speed(pipe, speed, device, offload=args.offload)
     sync(device)
     init["pipeline+placement"] = time.perf_counter() - t0
     return pipe, init
 
 
+def stack_random_loras(pipe: StoryMemPipeline) -> list[ExtraLora]:
+    """Random rank-64 LoRAs in the LightX2V key format, written to bf16 files in a temp dir."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    folder = Path(tempfile.mkdtemp(prefix="speed_lora_"))  # not under $OUT: ~0.6 GiB per 14B expert
+    files = {}
+    for expert, t in (("high_noise", pipe.transformer), ("low_noise", pipe.transformer_2)):
+        if t is not None:
+            files[expert] = folder / f"{expert}.safetensors"
+            sd = synthetic_lightx2v_lora(t, rank=64, seed=len(files), scale=0.01)
+            save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, str(files[expert]))  # published as bf16
+    return [ExtraLora(name="lightx2v", **files)]
+
+
 def expert_plan(pipe: StoryMemPipeline, steps: int, shift: float) -> tuple[list[int], list[str]]:
     """Timesteps and the expert of each step by the pipeline's rule (t >= boundary * 1000: high-noise)."""
-    sched = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=shift)
-    sched.set_timesteps(steps)
+    sched = pipe.shot_scheduler(steps, shift, "cpu")
     ts = [int(t) for t in sched.timesteps]
     if pipe.transformer_2 is None or pipe.config.boundary_ratio is None:
         return ts, ["single"] * len(ts)
@@ -196,9 +224,11 @@ class Recorder:
 
 
 def report(args, rec: Recorder, plan40: list[str]) -> dict:
-    """Print the table, per-step numbers, the 40-step extrapolation and method.md's numbers; return them."""
+    """Print the table, per-step numbers, the extrapolation to the production step count (40, or the speed
+    mode's fixed sigma list) and method.md's numbers; return them."""
+    n_prod = len(plan40)
     steps = [r for r in rec.rows if "expert" in r]
-    # 40 steps: each expert's first step (warm-up, offload move) once, then its steady (fastest) step.
+    # n_prod steps: each expert's first step (warm-up, compile, offload move) once, then its steady (fastest) step.
     per_step = {e: dict(first_s=next(r["seconds"] for r in steps if r["expert"] == e),
                         steady_s=min(r["seconds"] for r in steps if r["expert"] == e), steps_of_40=plan40.count(e))
                 for e in dict.fromkeys(r["expert"] for r in steps)}
@@ -213,19 +243,21 @@ def report(args, rec: Recorder, plan40: list[str]) -> dict:
     print("-" * 61)
     for e, v in per_step.items():
         print(f"per step ({e}): steady {v['steady_s']:.2f} s, first {v['first_s']:.2f} s;"
-              f" {v['steps_of_40']} of 40 steps")
+              f" {v['steps_of_40']} of {n_prod} steps")
     shot40 = other + denoise40
     print(f"one forward (one CFG branch, steady): {forward:.2f} s")
-    print(f"extrapolated 40-step shot: {shot40:.1f} s ({shot40 / 60:.1f} min) = text+VAE {other:.1f} s"
+    print(f"extrapolated {n_prod}-step shot: {shot40:.1f} s ({shot40 / 60:.1f} min) = text+VAE {other:.1f} s"
           f" + denoise {denoise40:.1f} s")
     ref = METHOD_MD[args.model]
     m_ref = min(ref, key=lambda m: abs(m - args.memory))
     print(f"compare method.md (H100, bf16): {args.model} forward at M={m_ref} {ref[m_ref]} s, VAE decode"
           f" {METHOD_MD_DECODE_S} s, 14B 40-step shot at M=10 ~{METHOD_MD_SHOT_MIN:.0f} min | ours"
           f"{' (--tiny: not comparable)' if args.tiny else ''}: forward at M={args.memory} {forward:.2f} s, VAE decode"
-          f" {decode:.2f} s, 40-step shot {shot40 / 60:.1f} min")
+          f" {decode:.2f} s, {n_prod}-step shot {shot40 / 60:.1f} min")
     method_md = dict(forward_s=ref, vae_decode_s=METHOD_MD_DECODE_S, shot_40_steps_min_14b_m10=METHOD_MD_SHOT_MIN)
-    return dict(per_step=per_step, forward_s=forward, extrapolated_40_steps_s=shot40, method_md=method_md)
+    peak = max((r["peak_gib"] for r in rec.rows if r["peak_gib"] is not None), default=None)
+    return dict(per_step=per_step, forward_s=forward, extrapolated_40_steps_s=shot40 if n_prod == 40 else None,
+                production_steps=n_prod, shot_s=shot40, peak_gib=peak, method_md=method_md)
 
 
 def main() -> None:
@@ -235,12 +267,21 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--tiny", action="store_true", help="tiny components at 64x48, 13 frames (CPU check)")
-    for flag, kind, default in (("--steps", int, 4), ("--memory", int, 10), ("--height", int, None),
-                                ("--width", int, None), ("--frames", int, None), ("--guidance", float, 3.5),
-                                ("--guidance-2", float, 3.5), ("--shift", float, 4.0)):
-        ap.add_argument(flag, type=kind, default=default)
+    ap.add_argument("--speed", default="exact", help="storymem.speed preset: exact, cached, fast, lowvram, compiled")
+    ap.add_argument("--speed-lora", action="store_true", help="stack a random rank-64 LightX2V-format LoRA (fused)")
+    # None: the speed mode's default (fast: 4 steps, guidance 1, shift 5), else 4 steps, CFG 3.5, shift 4
+    for flag, kind in (("--steps", int), ("--memory", int), ("--height", int), ("--width", int), ("--frames", int),
+                       ("--guidance", float), ("--guidance-2", float), ("--shift", float)):
+        ap.add_argument(flag, type=kind, default=None)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    speed = preset(args.speed)
+    mode = speed.sampler.defaults
+    args.steps = args.steps or mode.get("num_inference_steps", 4)
+    args.memory = 10 if args.memory is None else args.memory
+    args.guidance = mode.get("guidance_scale", 3.5) if args.guidance is None else args.guidance
+    args.guidance_2 = args.guidance if args.guidance_2 is None else args.guidance_2
+    args.shift = mode.get("shift", 4.0) if args.shift is None else args.shift
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU here (use --device cpu --tiny for a CPU check)")
@@ -249,13 +290,13 @@ def main() -> None:
     frames = args.frames or (13 if args.tiny else 81)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     size = f"{args.model}-tiny" if args.tiny else args.model
-    print(f"{name}  model={size} offload={args.offload} {width}x{height}x{frames} M={args.memory}"
-          f" steps={args.steps} {dtype}", flush=True)
+    print(f"{name}  model={size} offload={args.offload} speed={args.speed}{'+lora' if args.speed_lora else ''}"
+          f" {width}x{height}x{frames} M={args.memory} steps={args.steps} guidance={args.guidance} {dtype}", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    pipe, init = build(args, device, dtype)
+    pipe, init = build(args, device, dtype, speed)
     init_s = time.perf_counter() - t0
     timesteps, plan = expert_plan(pipe, args.steps, args.shift)
     print(f"timesteps {timesteps} -> experts {plan} (boundary {pipe.config.boundary_ratio})", flush=True)
@@ -274,7 +315,7 @@ def main() -> None:
         rec.watch(pipe.transformer_2, "low")
     rng = np.random.default_rng(0)
     memory = [Image.fromarray(rng.integers(0, 256, (height, width, 3), np.uint8)) for _ in range(args.memory)]
-    result = dict(device=name, model=size, offload=args.offload, dtype=str(dtype), width=width, height=height,
+    result = dict(device=name, model=size, offload=args.offload, speed=args.speed, speed_lora=args.speed_lora, dtype=str(dtype), width=width, height=height,
                   frames=frames, memory=args.memory, steps=args.steps, timesteps=timesteps, plan=plan, init_s=init,
                   stages=rec.rows)
     t0 = rec.begin()
@@ -295,7 +336,8 @@ def main() -> None:
     ran = [r["expert"] for r in rec.rows if "expert" in r]
     if ran != plan:
         raise SystemExit(f"experts run {ran} differ from the scheduler's plan {plan}")
-    result.update(report(args, rec, expert_plan(pipe, 40, args.shift)[1]))
+    prod = len(speed.sampler.sigmas) if speed.sampler.sigmas is not None else 40
+    result.update(report(args, rec, expert_plan(pipe, prod, args.shift)[1]))
     result.update(outputs_finite=bool(all(bool(x) for x in rec.finite)), frames_shape=list(out.frames.shape))
     print(f"outputs finite (text, latents, every transformer output, decoded video): {result['outputs_finite']}")
     if args.json:

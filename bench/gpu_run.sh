@@ -4,6 +4,8 @@
 # then with model CPU offload if the time left allows. Whole file: under BUDGET_S (7 min).
 #
 #   bash bench/gpu_run.sh            # from the repository root; logs to $OUT/gpu_log.txt, JSON to $OUT/
+#   RUNS=modes BUDGET_S=560 bash bench/gpu_run.sh   # one real-size shot per speed mode (storymem.speed),
+#                                                   # then the table of bench/gpu_modes.py (issue 12's targets)
 #
 # Overrides for a local dry run: PY (python), WHEELS (wheel folder, empty: install nothing),
 # SITE (install target), EXTRA (extra gpu_pipeline.py arguments, e.g. "--device cpu --tiny").
@@ -14,7 +16,9 @@ WHEELS=${WHEELS-.whl}
 SITE=${SITE:-/tmp/site}
 BUDGET_S=${BUDGET_S:-420}
 EXTRA=${EXTRA:-}
-RUNS=${RUNS:-forward none model}  # which of the three runs, e.g. RUNS=none on an H200 (everything fits there)
+RUNS=${RUNS:-forward none model}  # which runs: forward, none, model, modes (e.g. RUNS=none on an H200)
+# Speed modes in priority order (RUNS=modes); "fast+lora" stacks a random rank-64 LightX2V-format LoRA.
+MODES=${MODES:-fast+lora exact compiled lowvram}  # add "cached" by hand: random weights say nothing of its hit rate
 START=$SECONDS
 mkdir -p "$OUT"
 
@@ -63,6 +67,19 @@ print("versions:", "python", __import__("sys").version.split()[0], *(f"{p} {m.ve
     [[ " $RUNS " == *" none "* ]] && run "gpu_pipeline --offload none" 120 bench/gpu_pipeline.py --offload none --json "$OUT/gpu_pipeline_none.json" $EXTRA
     # shellcheck disable=SC2086
     [[ " $RUNS " == *" model "* ]] && run "gpu_pipeline --offload model" 170 bench/gpu_pipeline.py --offload model --json "$OUT/gpu_pipeline_model.json" $EXTRA
+    if [[ " $RUNS " == *" modes "* ]]; then
+        local m need flags
+        for m in $MODES; do
+            case $m in  # rough H200 seconds: init + one 4-step shot (+ compile, + CPU init and streaming)
+                fast*) need=90 ;; lowvram) need=180 ;; compiled) need=160 ;; *) need=100 ;;
+            esac
+            flags="--speed ${m%%+*}"
+            [[ $m == *+lora ]] && flags="$flags --speed-lora"
+            # shellcheck disable=SC2086
+            run "mode $m" "$need" bench/gpu_pipeline.py $flags --json "$OUT/gpu_mode_${m/+/_}.json" $EXTRA
+        done
+        ls "$OUT"/gpu_mode_*.json >/dev/null 2>&1 && "$PY" bench/gpu_modes.py "$OUT"/gpu_mode_*.json | tee "$OUT/gpu_modes.md"
+    fi
     note "done"
 }
 

@@ -15,6 +15,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from .parallel import ParallelConfig
+from .speed import SpeedConfig
+
 
 # The quality bar with real aesthetic weights: the lowest cut LAION published for its LAION-Aesthetics
 # V2 subsets (4.5+). The authors filter with HPSv3 >= 3.0 on another scale; both only drop clearly poor
@@ -106,7 +109,9 @@ class ModelConfig(_Strict):
     rope_shift: int = Field(
         5, ge=1, le=64, description="S: memory frame i of M gets temporal RoPE position -(M - i) * S."
     )
-    compile: bool = Field(False, description="torch.compile the repeated transformer blocks (GPU only).")
+    compile: bool = Field(
+        False, description="torch.compile the repeated transformer blocks (GPU only). Older spelling of speed.compile."
+    )
 
     @model_validator(mode="after")
     def _one_lora_source(self) -> "ModelConfig":
@@ -285,6 +290,32 @@ class StoryMemConfig(_Strict):
     storage: StorageConfig = Field(default_factory=StorageConfig.from_env)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig, validate_default=True)  # env token applies too
+    speed: SpeedConfig = Field(
+        default_factory=SpeedConfig,
+        description="Speed and memory mode of the generators (storymem.speed; presets exact, cached, fast, "
+        "lowvram, compiled). Per deployment: a mode changes the built models.",
+    )
+
+    parallel: ParallelConfig = Field(
+        default_factory=ParallelConfig,
+        description="Ranks per generator (storymem.parallel): ulysses_degree x ring_degree processes, one GPU each, "
+        "make every shot together (actors/gang.py). 1: one process per generator.",
+    )
+
+    @model_validator(mode="after")
+    def _speed_with_model(self) -> "StoryMemConfig":
+        n = self.parallel.world_size
+        if n > 1 and self.engine.gpus_per_generator not in (0, n):
+            raise ValueError(
+                f"engine.gpus_per_generator: a gang of {n} ranks (parallel.ulysses_degree x ring_degree) takes "
+                f"{n} GPUs, one per rank (0 on CPU); got {self.engine.gpus_per_generator:g}"
+            )
+        if self.speed.group_offload != "none" and self.model.offload != "none":
+            raise ValueError(
+                f"speed.group_offload: {self.speed.group_offload} replaces model.offload; set model.offload "
+                f"'none' (got {self.model.offload!r})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _resolve_quality_threshold(self) -> "StoryMemConfig":

@@ -61,7 +61,7 @@ def run_story(
     if pipeline is None:
         # Refused before the weights load and before anything is written.
         check_transition_supported(request.settings, supported_transitions(configured_sets(cfg.model)))
-        pipeline, profile = build_pipeline(cfg.model)
+        pipeline, profile = build_pipeline(cfg.model, cfg.speed)
         settings = request.settings.resolve(profile.defaults)
         model_name = profile.name
     else:

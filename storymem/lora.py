@@ -352,6 +352,20 @@ class AdapterStack:
         self._apply(self.active)  # peft activates a newly added adapter; put the previous state back
         return reports
 
+    def adopt(self, name: str, experts: Sequence[str], weight: float = 1.0, pinned: bool = False) -> None:
+        """Register adapter `name`, already loaded on `experts` by another loader (diffusers' own
+        `load_lora_adapter`, for LoRA formats `add` does not read: storymem.speed's LightX2V files),
+        so that activations switch it with the others."""
+        if self.fused:
+            raise ValueError(f"adapter {name!r}: adopt it before the stack is first activated (fused)")
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} is already loaded")
+        missing = [e for e in experts if name not in (getattr(self.experts.get(e), "peft_config", None) or {})]
+        if missing or not experts:
+            raise ValueError(f"adapter {name!r}: not loaded on experts {missing or '(none)'}")
+        self.adapters[name] = _Adapter(name, float(weight), pinned, tuple(experts), {})
+        self._apply(self.active)  # loading activated it; put the previous state back
+
     def add_set(self, lora: LoraSet, pinned: bool = False) -> dict:
         """`add` for a LoraSet, keeping the files of the experts this stack has."""
         sources = {e: f for e, f in lora.files.items() if e in self.experts}

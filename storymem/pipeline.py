@@ -106,6 +106,7 @@ def to_video_tensor(frames, height: int, width: int) -> torch.Tensor:
 class StoryMemPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->t2v_transformer->t2v_transformer_2->transformer->transformer_2->vae"
     _optional_components = ["transformer_2", "t2v_transformer", "t2v_transformer_2"]
+    speed = None  # the storymem.speed.SpeedConfig applied by apply_speed; None: the plain pipeline
     # The M2V LoRA sets on transformer/transformer_2 (attach_lora); none: the base model is the M2V model.
     lora = None  # storymem.lora.AdapterStack
     lora_sets: tuple = ()  # storymem.lora.LoraSet, in load order
@@ -257,6 +258,23 @@ class StoryMemPipeline(DiffusionPipeline):
         return chosen.name
 
     # ---------------------------------------------------------------- call
+    def shot_scheduler(
+        self, num_inference_steps: int, shift: float, device, sigma_schedule: SigmaSchedule | str = SigmaSchedule.WAN
+    ):
+        """A fresh scheduler for one shot: UniPC on the chosen sigma grid, or the speed mode's sampler
+        (which brings its own sigmas)."""
+        if self.speed is not None and self.speed.sampler.kind != "unipc":
+            from .speed import make_scheduler
+
+            return make_scheduler(self.speed.sampler, self.scheduler.config, num_inference_steps, shift, device)
+        return make_timesteps(self.scheduler, num_inference_steps, shift, sigma_schedule, device=device)
+
+    @staticmethod
+    def _denoise(model, branch: str, x, timestep, embeds):
+        # One cache context per guidance branch: a step cache compares a branch only with itself.
+        with model.cache_context(branch):
+            return model(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+
     def _experts(self, mode: ShotMode):
         if mode == ShotMode.T2V and self.t2v_transformer is not None:
             return self.t2v_transformer, self.t2v_transformer_2, False
@@ -336,6 +354,10 @@ class StoryMemPipeline(DiffusionPipeline):
             raise ValueError(f"height/width: must be multiples of {multiple}, got {height}x{width}")
         device = self._execution_device
         high, low, conditioned = self._experts(mode)
+        if self.speed is not None:
+            from .speed import check_shot
+
+            check_shot(self.speed, num_inference_steps, guidance_scale, guidance_scale_2)
         guidance_scale_2 = guidance_scale if guidance_scale_2 is None else guidance_scale_2
         notes: list[str] = []
         if conditioned:
@@ -384,7 +406,10 @@ class StoryMemPipeline(DiffusionPipeline):
             generator = torch.Generator("cpu").manual_seed(0 if seed is None else int(seed))
         z = self.vae.config.z_dim
         latents = torch.randn((1, z, m + f, h, w), generator=generator, dtype=torch.float32).to(device)
-        scheduler = make_timesteps(self.scheduler, num_inference_steps, shift, sigma_schedule, device=device)
+        scheduler = self.shot_scheduler(num_inference_steps, shift, device, sigma_schedule)
+        for t in (high, low):
+            if t is not None and getattr(t, "is_cache_enabled", False):
+                t._reset_stateful_cache()  # a shot stopped early (cancel) leaves cached residuals behind
         boundary_t = None if boundary is None else boundary * scheduler.config.num_train_timesteps
         total = len(scheduler.timesteps)
         with memory_frames(high, m), (memory_frames(low, m) if low is not None else contextlib.nullcontext()):
@@ -395,11 +420,9 @@ class StoryMemPipeline(DiffusionPipeline):
                 x = latents if condition is None else torch.cat([latents, condition], dim=1)
                 x = x.to(model.dtype)
                 timestep = t.expand(1)
-                noise = model(hidden_states=x, timestep=timestep, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+                noise = self._denoise(model, "cond", x, timestep, prompt_embeds)
                 if do_cfg and scale != 1.0:
-                    uncond = model(
-                        hidden_states=x, timestep=timestep, encoder_hidden_states=negative_embeds, return_dict=False
-                    )[0]
+                    uncond = self._denoise(model, "uncond", x, timestep, negative_embeds)
                     guided = uncond + scale * (noise - uncond)
                 else:
                     guided = noise
@@ -408,7 +431,7 @@ class StoryMemPipeline(DiffusionPipeline):
                     # dropout showed them; only the shot frames are guided.
                     x0 = torch.cat([latents[:, :, m:], no_memory_condition], dim=1).to(model.dtype)
                     with memory_frames(model, 0):
-                        plain = model(hidden_states=x0, timestep=timestep, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+                        plain = self._denoise(model, "no_memory", x0, timestep, prompt_embeds)
                     shot = guided[:, :, m:] + (memory_guidance_scale - 1.0) * (noise[:, :, m:] - plain)
                     guided = torch.cat([guided[:, :, :m], shot], dim=2)
                 noise = guided
@@ -438,14 +461,16 @@ class StoryMemPipeline(DiffusionPipeline):
         )
 
 
-def build_pipeline(cfg=None):
+def build_pipeline(cfg=None, speed=None):
     """The pipeline a process uses: local weights when configured, else the embedded tiny models.
 
-    Loads the M2V LoRA sets on the experts (storymem.lora), places the models on the device (or sets up offloading)
-    and returns (pipeline, profile)."""
+    Loads the M2V LoRA sets on the experts (storymem.lora), then applies the speed mode (`speed`: a
+    storymem.speed.SpeedConfig, None: exact), which places the models on the device (or sets up
+    offloading); returns (pipeline, profile), the profile's defaults including the speed mode's."""
     from . import models
     from .config import ModelConfig
     from .lora import configured_sets
+    from .speed import apply_speed, mode_defaults
 
     cfg = cfg or ModelConfig()
     sets = configured_sets(cfg)  # a missing file fails here, before any weights are read
@@ -472,18 +497,8 @@ def build_pipeline(cfg=None):
         if sets:
             pipe.activate_lora(sorted(pipe.supported_transitions)[0])
 
-    offload = cfg.offload if device.type == "cuda" else "none"
-    if offload == "none":
-        pipe.to(device)
-        first_activation()  # on the device: merging 14B weights on a CPU takes a while
-    else:
-        first_activation()  # before offloading hooks take the weights
-        if offload == "model":
-            pipe.enable_model_cpu_offload(device=device)
-        else:
-            pipe.enable_sequential_cpu_offload(device=device)
-    if cfg.compile and device.type == "cuda":
-        for t in (pipe.transformer, pipe.transformer_2, pipe.t2v_transformer, pipe.t2v_transformer_2):
-            if t is not None:
-                t.compile_repeated_blocks(fullgraph=True)
+    # Speed mode (storymem.speed): extra LoRAs, placement/offload (around the first activation), FP8,
+    # compile, step caching.
+    apply_speed(pipe, speed, device, offload=cfg.offload, model_compile=cfg.compile, activate=first_activation)
+    profile.defaults.update(mode_defaults(speed))
     return pipe, profile
