@@ -61,7 +61,13 @@ class Counter:
 def test_exact_preset_equals_the_plain_pipeline_bit_for_bit():
     # The pipeline as it was built before speed modes existed: components, constructor, .to(device).
     components, profile = models.build_embedded(ModelConfig())
-    plain = StoryMemPipeline(**components, boundary_ratio=profile.boundary, max_sequence_length=profile.max_sequence_length)
+    plain = StoryMemPipeline(
+        **components,
+        boundary_ratio=profile.boundary,
+        max_sequence_length=profile.max_sequence_length,
+        t2v_boundary_ratio=profile.t2v_boundary,
+        default_negative_prompt=profile.defaults.get("negative_prompt"),
+    )
     plain.set_progress_bar_config(disable=True)
     plain.to(CPU)
     exact, _ = build_pipeline(ModelConfig(), preset("exact"))
