@@ -11,13 +11,13 @@ from storymem.script import GenerationSettings
 from storymem.story import ShotRequest
 
 SETTINGS = GenerationSettings(height=48, width=64, num_frames=5, num_inference_steps=3, guidance_scale=2.0,
-                              memory_guidance_scale=2.0, seed=5).model_dump(mode="json")
+                              memory_guidance_scale=2.0, seed=5)
 
 
 def _request(index=1):
     rng = np.random.default_rng(index)
     memory = [rng.integers(0, 256, (48, 64, 3), np.uint8) for _ in range(2)]
-    return ShotRequest(story="s", index=index, prompt="a red fox runs", mode="m2v", seed=5, settings=dict(SETTINGS), memory=memory)
+    return ShotRequest(story="s", index=index, prompt="a red fox runs", mode="m2v", seed=5, settings=SETTINGS, memory=memory)
 
 
 def _stream(leader, request, token):
