@@ -205,3 +205,19 @@ def test_apply_speed_refuses_group_offload_with_model_offload():
     pipe = StoryMemPipeline(**components, boundary_ratio=profile.boundary)
     with pytest.raises(ValueError, match=r"^speed\.group_offload"):
         apply_speed(pipe, SpeedConfig(group_offload="leaf_level"), CPU, offload="model")
+
+
+def test_prepared_gpu_script_runs_a_speed_mode_on_cpu(tmp_path, monkeypatch):
+    """bench/gpu_pipeline.py's --speed path (with a LightX2V-format LoRA fused at full rank 64) and the
+    bench/gpu_modes.py table, at tiny size: the code a GPU session runs, so it does not crash there."""
+    import sys
+
+    from bench import gpu_modes, gpu_pipeline
+
+    out = tmp_path / "gpu_mode_fast_lora.json"
+    monkeypatch.setattr(sys, "argv", ["gpu_pipeline.py", "--device", "cpu", "--tiny", "--memory", "2",
+                                      "--speed", "fast", "--speed-lora", "--json", str(out)])
+    gpu_pipeline.main()
+    row = gpu_modes.rows([out])["fast+lora"]
+    assert row["steps"] == 4 and row["shot_s"] > 0 and row["error"] is None
+    assert "met" in gpu_modes.verdict("fast+lora", row, {}) or "missed" in gpu_modes.verdict("fast+lora", row, {})
