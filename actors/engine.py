@@ -81,7 +81,7 @@ class StoryEngine:
         self.queue: deque[str] = deque()
         self.running: set[str] = set()
         e = cfg.engine
-        self.pool = GeneratorPool.options(num_cpus=0).remote(cfg.model, e)
+        self.pool = GeneratorPool.options(num_cpus=0).remote(cfg.model, e, cfg.speed, cfg.parallel)
         self.scorers = [
             ScorerActor.options(num_cpus=e.cpus_per_scorer, num_gpus=e.gpus_per_scorer).remote(cfg.scoring)
             for _ in range(e.num_scorers)
