@@ -221,3 +221,20 @@ def test_prepared_gpu_script_runs_a_speed_mode_on_cpu(tmp_path, monkeypatch):
     row = gpu_modes.rows([out])["fast+lora"]
     assert row["steps"] == 4 and row["shot_s"] > 0 and row["error"] is None
     assert "met" in gpu_modes.verdict("fast+lora", row, {}) or "missed" in gpu_modes.verdict("fast+lora", row, {})
+
+
+def test_a_story_the_mode_cannot_honour_is_refused_before_anything_is_written(tmp_path):
+    from storymem.local import run_story
+    from storymem.script import ScriptError, load_request
+
+    cfg = StoryMemConfig(speed={"preset": "fast"})
+    script = {"story_name": "fast", "shots": [{"prompt": "a red fox runs", "cut": True}],
+              "settings": {"width": 64, "height": 48, "num_frames": 5, "guidance_scale": 3.5}}
+    with pytest.raises(ScriptError) as err:
+        run_story(load_request(script), tmp_path / "out", cfg, progress=False)
+    assert [field for field, _ in err.value.errors] == ["settings.guidance_scale"]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
+    # Left unset, the mode's defaults apply (4 steps, guidance 1) and the story is made.
+    del script["settings"]["guidance_scale"]
+    manifest = run_story(load_request(script), tmp_path / "ok", cfg, progress=False)
+    assert manifest.shots_done == 1
