@@ -24,6 +24,7 @@ import ray
 from storymem.config import StoryMemConfig
 from storymem.progress import EventLog, Phase, ProgressEvent
 from storymem.script import StoryRequest, StoryScript, check_transition_supported, load_request
+from storymem.speed import check_settings
 from storymem.storage import S3Store, StoryLayout, make_story_id
 from storymem.story import Manifest, read_manifest
 
@@ -81,7 +82,7 @@ class StoryEngine:
         self.queue: deque[str] = deque()
         self.running: set[str] = set()
         e = cfg.engine
-        self.pool = GeneratorPool.options(num_cpus=0).remote(cfg.model, e)
+        self.pool = GeneratorPool.options(num_cpus=0).remote(cfg.model, e, cfg.speed, cfg.parallel)
         self.scorers = [
             ScorerActor.options(num_cpus=e.cpus_per_scorer, num_gpus=e.gpus_per_scorer).remote(cfg.scoring)
             for _ in range(e.num_scorers)
@@ -313,6 +314,7 @@ class StoryEngine:
             self.profile = await self.pool.profile.remote()
         settings = req.settings.resolve(self.profile["defaults"])
         check_transition_supported(settings, self.profile["transitions"])  # ScriptError: no LoRA set for it
+        check_settings(settings, self.cfg.speed)  # ScriptError: settings the speed mode cannot honour
         if self._active() >= self.ecfg.max_queued_stories:  # others may have been accepted meanwhile
             raise EngineFull(self._retry_after())
         story_id = make_story_id()

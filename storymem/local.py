@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .config import StoryMemConfig
 from .pipeline import build_pipeline
+from .speed import check_settings
 from .progress import Phase, ProgressEvent
 from .scoring import Scorer
 from .lora import configured_sets, supported_transitions
@@ -63,6 +64,7 @@ def run_story(
         check_transition_supported(request.settings, supported_transitions(configured_sets(cfg.model)))
         pipeline, profile = build_pipeline(cfg.model, cfg.speed)
         settings = request.settings.resolve(profile.defaults)
+        check_settings(settings, cfg.speed)  # the mode's refusals (a CFG-distilled mode and guidance > 1)
         model_name = profile.name
     else:
         settings, model_name = request.settings, type(pipeline).__name__

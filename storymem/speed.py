@@ -281,21 +281,36 @@ def make_scheduler(sampler: SamplerConfig, base_config, num_inference_steps: int
     return scheduler
 
 
-def check_shot(speed: SpeedConfig, num_inference_steps: int, guidance_scale: float, guidance_scale_2: float | None) -> None:
-    """Refuse settings the mode cannot honour, naming the field (called before any work of a shot)."""
-    s = speed.sampler
+def shot_problems(speed: SpeedConfig, num_inference_steps: int, guidance_scale: float,
+                  guidance_scale_2: float | None) -> list[tuple[str, str]]:
+    """(settings field, problem) for every setting the mode cannot honour."""
+    s, name, out = speed.sampler, speed.preset or "custom", []
     if s.sigmas is not None and num_inference_steps != len(s.sigmas):
-        raise ValueError(
-            f"num_inference_steps: speed mode {speed.preset or 'custom'} samples {len(s.sigmas)} fixed sigmas; "
-            f"got {num_inference_steps}"
-        )
+        out.append(("num_inference_steps", f"speed mode {name} samples {len(s.sigmas)} fixed sigmas; got {num_inference_steps}"))
     if s.guidance_free:
         for field, value in (("guidance_scale", guidance_scale), ("guidance_scale_2", guidance_scale_2)):
             if value is not None and value != 1.0:
-                raise ValueError(
-                    f"{field}: speed mode {speed.preset or 'custom'} is CFG-distilled (one forward per step, "
-                    f"guidance 1); got {value}"
-                )
+                out.append((field, f"speed mode {name} is CFG-distilled (one forward per step, guidance 1); got {value}"))
+    return out
+
+
+def check_shot(speed: SpeedConfig, num_inference_steps: int, guidance_scale: float, guidance_scale_2: float | None) -> None:
+    """Refuse settings the mode cannot honour, naming the field (the pipeline, before any work of a shot)."""
+    problems = shot_problems(speed, num_inference_steps, guidance_scale, guidance_scale_2)
+    if problems:
+        raise ValueError("; ".join(f"{field}: {problem}" for field, problem in problems))
+
+
+def check_settings(settings, speed: SpeedConfig | None) -> None:
+    """A story's resolved GenerationSettings against the deployment's mode, at submission: raises
+    storymem.script.ScriptError on `settings.<field>` (HTTP 422), before anything is written."""
+    if speed is None:
+        return
+    problems = shot_problems(speed, settings.num_inference_steps, settings.guidance_scale, settings.guidance_scale_2)
+    if problems:
+        from .script import ScriptError
+
+        raise ScriptError([(f"settings.{field}", problem) for field, problem in problems])
 
 
 # ---------------------------------------------------------------------------------- LoRAs

@@ -76,3 +76,35 @@ def test_gang8_manifest_is_one_gang_per_pod():
     assert gpus == limits["nvidia.com/gpu"] == cfg.parallel.world_size == cfg.engine.gpus_per_generator == 8
     assert cfg.engine.num_generators == group["replicas"]
     assert 40 % cfg.parallel.ulysses_degree == 0  # Wan 14B heads
+
+
+@pytest.mark.slow
+def test_engine_runs_a_story_on_a_gang(ray_local, s3_server):
+    """The pool leases a 2-rank gang like a single generator: a whole story through the engine."""
+    import time
+    import uuid
+
+    import ray
+
+    from actors import start_engine
+    from storymem.config import StoryMemConfig
+
+    storage = s3_server.storage_config(f"gang-{uuid.uuid4().hex[:12]}", retries=2, backoff_s=0.1)
+    cfg = StoryMemConfig(
+        storage=storage,
+        engine={"num_generators": 1, "cpus_per_generator": 2, "num_scorers": 1, "namespace": f"gang-{uuid.uuid4().hex[:8]}"},
+        parallel={"ulysses_degree": 2, "collective_timeout_s": 60},
+    )
+    engine = start_engine(cfg)
+    try:
+        script = {"story_name": "gang", "settings": {"width": 64, "height": 48, "num_frames": 5, "num_inference_steps": 3},
+                  "shots": [{"prompt": "a red fox runs", "cut": True}, {"prompt": "the fox sleeps", "cut": True}]}
+        story = ray.get(engine.submit.remote(script), timeout=60)["id"]
+        deadline = time.monotonic() + 300
+        while (status := ray.get(engine.status.remote(story), timeout=60))["state"] not in ("done", "failed", "cancelled"):
+            assert time.monotonic() < deadline, status
+            time.sleep(0.5)
+        assert status["state"] == "done", status.get("error")
+        assert ray.get(engine.health.remote(), timeout=60)["generators"] == 1
+    finally:
+        ray.kill(engine, no_restart=True)

@@ -211,3 +211,36 @@ def test_apply_speed_refuses_group_offload_with_model_offload():
     pipe = StoryMemPipeline(**components, boundary_ratio=profile.boundary)
     with pytest.raises(ValueError, match=r"^speed\.group_offload"):
         apply_speed(pipe, SpeedConfig(group_offload="leaf_level"), CPU, offload="model")
+
+
+def test_prepared_gpu_script_runs_a_speed_mode_on_cpu(tmp_path, monkeypatch):
+    """bench/gpu_pipeline.py's --speed path (with a LightX2V-format LoRA fused at full rank 64) and the
+    bench/gpu_modes.py table, at tiny size: the code a GPU session runs, so it does not crash there."""
+    import sys
+
+    from bench import gpu_modes, gpu_pipeline
+
+    out = tmp_path / "gpu_mode_fast_lora.json"
+    monkeypatch.setattr(sys, "argv", ["gpu_pipeline.py", "--device", "cpu", "--tiny", "--memory", "2",
+                                      "--speed", "fast", "--speed-lora", "--json", str(out)])
+    gpu_pipeline.main()
+    row = gpu_modes.rows([out])["fast+lora"]
+    assert row["steps"] == 4 and row["shot_s"] > 0 and row["error"] is None
+    assert "met" in gpu_modes.verdict("fast+lora", row, {}) or "missed" in gpu_modes.verdict("fast+lora", row, {})
+
+
+def test_a_story_the_mode_cannot_honour_is_refused_before_anything_is_written(tmp_path):
+    from storymem.local import run_story
+    from storymem.script import ScriptError, load_request
+
+    cfg = StoryMemConfig(speed={"preset": "fast"})
+    script = {"story_name": "fast", "shots": [{"prompt": "a red fox runs", "cut": True}],
+              "settings": {"width": 64, "height": 48, "num_frames": 5, "guidance_scale": 3.5}}
+    with pytest.raises(ScriptError) as err:
+        run_story(load_request(script), tmp_path / "out", cfg, progress=False)
+    assert [field for field, _ in err.value.errors] == ["settings.guidance_scale"]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
+    # Left unset, the mode's defaults apply (4 steps, guidance 1) and the story is made.
+    del script["settings"]["guidance_scale"]
+    manifest = run_story(load_request(script), tmp_path / "ok", cfg, progress=False)
+    assert manifest.shots_done == 1
