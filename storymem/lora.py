@@ -227,7 +227,9 @@ def load_release(folder: str | Path, sets: Iterable[str] | None = None) -> list[
         if not sub.is_dir():
             if sets is None:
                 continue
-            raise FileNotFoundError(f"model.lora_release: {folder} has no {RELEASE_FOLDERS[key]}/ (set {key!r} was asked for)")
+            raise FileNotFoundError(
+                f"model.lora_release: {folder} has no {RELEASE_FOLDERS[key]}/ (set {key!r} was asked for)"
+            )
         files = {e: _release_file(sub, e) for e in EXPERTS}
         out.append(LoraSet(name=f"m2v_{key}", transitions=frozenset({"none", key}), files=files, key=key))
     if not out:
@@ -436,7 +438,8 @@ class AdapterStack:
     def describe(self) -> dict:
         return {
             "adapters": {
-                a.name: {"weight": a.weight, "pinned": a.pinned, "experts": list(a.experts)} for a in self.adapters.values()
+                a.name: {"weight": a.weight, "pinned": a.pinned, "experts": list(a.experts)}
+                for a in self.adapters.values()
             },
             "active": list(self.active),
             "weights": dict(self.weights),

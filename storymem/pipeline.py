@@ -169,7 +169,10 @@ class StoryMemPipeline(DiffusionPipeline):
         from .lora import AdapterStack
 
         if self.lora is None:
-            experts = {"high": self.transformer, "low": self.transformer_2} if self.transformer_2 is not None else {"low": self.transformer}
+            if self.transformer_2 is not None:
+                experts = {"high": self.transformer, "low": self.transformer_2}
+            else:  # one transformer: the low-noise file is its LoRA
+                experts = {"low": self.transformer}
             self.lora = AdapterStack(experts, fuse=fuse)
         for lora_set in sets:
             self.lora.add_set(lora_set)

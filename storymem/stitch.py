@@ -495,7 +495,9 @@ def _cut_index(packets: list, drop: int, length_size: int, k: int) -> int:
     return j
 
 
-def remux_videos(sources: Sequence[VideoSource], drops: Sequence[int], out_path: str | os.PathLike, fps: float = 16) -> int:
+def remux_videos(
+    sources: Sequence[VideoSource], drops: Sequence[int], out_path: str | os.PathLike, fps: float = 16
+) -> int:
     """Join stored H.264 shots into one MP4 by copying packets (no decode, no encode), dropping
     `drops[k]` leading frames of shot k. Raises RemuxUnsupported (nothing written) when the shots
     differ in codec parameters or a cut does not start on an IDR frame. Returns the frame count."""

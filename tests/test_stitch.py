@@ -188,10 +188,7 @@ def test_encoding_is_deterministic(tmp_path, backend):
 
 def _stored(shots, drops, backend="auto", **kw):
     """The shots as the story runner stores them: an IDR frame where each shot's kept part begins."""
-    out = []
-    for k, (frames, d) in enumerate(zip(shots, drops)):
-        out.append(_encode(frames, backend=backend, keyframes=[d] if d else None, **kw))
-    return out
+    return [_encode(frames, backend=backend, keyframes=[d] if d else None, **kw) for frames, d in zip(shots, drops)]
 
 
 def _encode(frames, backend="auto", **kw):
