@@ -162,6 +162,13 @@ class SpeedConfig(_Strict):
     loras: list[ExtraLora] = Field(
         default_factory=list, description="LoRAs stacked on the M2V weights, each with per-expert weights."
     )
+    m2v_weight: float = Field(
+        1.0,
+        ge=0.0,
+        le=4.0,
+        description="Weight of the M2V LoRA sets in this mode. With a 4-step distillation LoRA users run "
+        "StoryMem's LoRA a little above 1 (e.g. 1.1-1.3) to keep memory's hold on identity.",
+    )
     fuse_loras: bool = Field(
         True,
         description="Let the adapter stack fuse the extra LoRAs into the weights when the active combination "
@@ -234,6 +241,7 @@ class SpeedConfig(_Strict):
             and self.sampler == SamplerConfig()
             and self.cache.kind == "none"
             and not (self.fp8_storage or self.fp8_compute or self.vae_tiling)
+            and self.m2v_weight == 1.0
         )
 
 
@@ -409,8 +417,14 @@ def apply_speed(pipe, speed: SpeedConfig | None, device: "torch.device", offload
         raise ValueError(f"speed.group_offload: {speed.group_offload} replaces model.offload; got model.offload {offload!r}")
     offload = offload if device.type == "cuda" else "none"  # CPU: everything stays where it is
     experts = _experts(pipe)
+    if speed.m2v_weight != 1.0 and pipe.lora is not None:
+        for lora_set in pipe.lora_sets:  # before the first activation, which takes each adapter's weight
+            pipe.lora.adapters[lora_set.name].weight = speed.m2v_weight
     if speed.loras:
         stack_loras(pipe, speed)
+    elif speed.sampler.guidance_free:
+        log.warning("speed: a CFG-distilled few-step sampler without its distilled LoRA (speed.loras): the "
+                    "base weights are not trained for it and give soft, low-detail shots")
 
     def first_activation():
         if activate is not None:

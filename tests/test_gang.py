@@ -106,5 +106,9 @@ def test_engine_runs_a_story_on_a_gang(ray_local, s3_server):
             time.sleep(0.5)
         assert status["state"] == "done", status.get("error")
         assert ray.get(engine.health.remote(), timeout=60)["generators"] == 1
+        # the generator is a gang: one placement group of 2 bundles (one per rank)
+        gangs = [g for g in ray.util.placement_group_table().values()
+                 if g["name"].endswith("-gang") and g["state"] == "CREATED"]
+        assert [len(g["bundles"]) for g in gangs] == [2]
     finally:
         ray.kill(engine, no_restart=True)

@@ -244,3 +244,16 @@ def test_a_story_the_mode_cannot_honour_is_refused_before_anything_is_written(tm
     del script["settings"]["guidance_scale"]
     manifest = run_story(load_request(script), tmp_path / "ok", cfg, progress=False)
     assert manifest.shots_done == 1
+
+
+def test_m2v_weight_scales_the_released_set(release):
+    """speed.m2v_weight sets the M2V set's adapter weight (fused when one set is loaded)."""
+    root, sds = release
+    cfg = ModelConfig(embedded_weights="random", lora_release=root, lora_release_sets=["mi2v"])
+    pipe, _ = build_pipeline(cfg, SpeedConfig(m2v_weight=1.3))
+    assert pipe.lora.fused and pipe.lora.weights == {"m2v_mi2v": 1.3}
+    ref, _ = build_pipeline(ModelConfig(embedded_weights="random"))
+    lora_merge(ref.transformer, sds["mi2v"]["high"], 1.3)
+    lora_merge(ref.transformer_2, sds["mi2v"]["low"], 1.3)
+    got, want = (_shot(p, output_type="latent").frames for p in (pipe, ref))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
