@@ -76,7 +76,7 @@ def make_timesteps(scheduler: UniPCMultistepScheduler, num_inference_steps: int,
 
 
 def _as_image(frame) -> torch.Tensor:
-    x = frame if isinstance(frame, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(frame))
+    x = frame if isinstance(frame, torch.Tensor) else torch.from_numpy(np.array(frame))  # a copy: frames from Ray's object store are read-only
     if x.ndim != 3 or x.shape[-1] != 3:
         raise ValueError(f"frames must be (H, W, 3) RGB images, got shape {tuple(x.shape)}")
     return x

@@ -209,7 +209,7 @@ class Scorer:
             if frames.dtype != np.uint8 or frames.shape[-1] != 3:
                 raise ValueError(f"frames: expected (N, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
             for i in range(0, frames.shape[0], bs):
-                yield self._preprocess(torch.from_numpy(np.ascontiguousarray(frames[i : i + bs])))
+                yield self._preprocess(torch.from_numpy(np.array(frames[i : i + bs])))
             return
         if isinstance(frames, np.ndarray):
             raise ValueError(f"frames: expected (N, H, W, 3) uint8, got shape {frames.shape}")
@@ -220,7 +220,7 @@ class Scorer:
                 raise ValueError(f"frames[{j}]: expected an (H, W, 3) uint8 image")
         for i in range(0, len(images), bs):
             chunk = images[i : i + bs]
-            yield torch.cat([self._preprocess(torch.from_numpy(np.ascontiguousarray(im))[None]) for im in chunk])
+            yield torch.cat([self._preprocess(torch.from_numpy(np.array(im))[None]) for im in chunk])
 
     def embed_images(self, frames: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """(N, D) float32 L2-normalised image embeddings of uint8 RGB frames."""
