@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m storymem.demo --story $(STORY)
+	$(PY) -m actors.demo --story $(STORY)
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider

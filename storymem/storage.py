@@ -192,6 +192,21 @@ class LocalStore:
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def stream(self, key: str, chunk: int = 1 << 20):
+        """The object's bytes in chunks (KeyError now when missing), for downloads that must not
+        hold a whole video in memory."""
+        try:
+            f = open(self._path(key), "rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise KeyError(key) from None
+
+        def chunks():
+            with f:
+                while block := f.read(chunk):
+                    yield block
+
+        return chunks()
+
     def list(self, prefix: str) -> builtins.list[str]:
         validate_prefix(prefix)
         # Walk only the folder that holds every candidate: the prefix up to its last '/'.
@@ -207,6 +222,14 @@ class LocalStore:
             dirnames[:] = [d for d in dirnames if _overlaps(rel + d + "/", prefix)]
             keys.extend(rel + n for n in filenames if not n.startswith(_TMP_MARK) and (rel + n).startswith(prefix))
         return sorted(keys)
+
+    def list_children(self, prefix: str) -> builtins.list[str]:
+        """Names of the folders directly under `prefix` (a folder ending with '/'): one level only."""
+        validate_prefix(prefix)
+        base = self.root.joinpath(*prefix.rstrip("/").split("/")) if prefix else self.root
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(_TMP_MARK))
 
     def delete_prefix(self, prefix: str) -> None:
         _check_delete_prefix(prefix)
@@ -440,6 +463,24 @@ class S3Store:
         except _Missing:
             raise KeyError(key) from None
 
+    def stream(self, key: str, chunk: int = 1 << 20):
+        """The object's bytes in chunks (KeyError now when missing; the request is retried until the
+        first byte), for downloads that must not hold a whole video in memory."""
+        validate_key(key)
+        try:
+            response = self._call(f"get {key!r}", lambda: self._client.get_object(self.bucket, key))
+        except _Missing:
+            raise KeyError(key) from None
+
+        def chunks():
+            try:
+                yield from response.stream(chunk)
+            finally:
+                response.close()
+                response.release_conn()
+
+        return chunks()
+
     def exists(self, key: str) -> bool:
         validate_key(key)
         try:
@@ -454,6 +495,20 @@ class S3Store:
         def names() -> builtins.list[str]:
             objects = self._client.list_objects(self.bucket, prefix=prefix or None, recursive=True)
             return [o.object_name for o in objects if not o.is_dir]
+
+        try:
+            return sorted(self._call(f"list {prefix!r}", names))
+        except _Missing:
+            return []
+
+    def list_children(self, prefix: str) -> builtins.list[str]:
+        """Names of the folders directly under `prefix` (ending with '/'): a delimiter listing, so
+        a bucket of many stories costs one entry per story, not one per object."""
+        validate_prefix(prefix)
+
+        def names() -> builtins.list[str]:
+            objects = self._client.list_objects(self.bucket, prefix=prefix or None, recursive=False)
+            return [o.object_name[len(prefix) :].rstrip("/") for o in objects if o.is_dir]
 
         try:
             return sorted(self._call(f"list {prefix!r}", names))
@@ -524,7 +579,8 @@ class S3Store:
             raise KeyError(key) from None
 
 
-STORY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# \Z, not $: `$` also matches before a trailing newline, which would let "id\n" through.
+STORY_ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 
 _id_lock = threading.Lock()
 _last_id_ms = 0

@@ -27,6 +27,7 @@ from .config import MemoryConfig
 from .memory import MemoryBank
 from .progress import EventSink, Phase, ProgressEvent
 from .script import GenerationSettings, StoryScript, TransitionMode
+from .service.contract import StoryState
 from .stitch import encode_video, overlap_frames, read_video, stitch_files
 from .storage import ArtifactStore, StorageUnavailable, StoryLayout
 
@@ -153,11 +154,14 @@ class Manifest(BaseModel):
     story_id: str
     story_name: str | None = None
     script_sha256: str
-    state: str = "running"
+    state: StoryState = StoryState.RUNNING
     shots_total: int
     settings: dict
     model: str = ""
-    owner: str | None = None
+    owner: str | None = Field(None, description="The tenant the story belongs to.")
+    idempotency_key: str | None = Field(None, description="The submission's Idempotency-Key, when it had one.")
+    request_sha256: str | None = Field(None, description="Digest of the submitted body (Idempotency-Key checks).")
+    run: int = Field(0, description="The story's run that last wrote this manifest.")
     shots: list[ShotRecord] = Field(default_factory=list)
     final: str | None = None
     final_frames: int | None = None
@@ -310,9 +314,9 @@ class StoryRunner:
         """Make every unfinished shot, then stitch. Returns the manifest (state done or cancelled);
         on any other error the manifest is marked failed with the reason and the error re-raised."""
         manifest = self.open()
-        if manifest.state == "done" and manifest.final is not None:
+        if manifest.state == StoryState.DONE and manifest.final is not None:
             return manifest
-        manifest.state, manifest.error = "running", None
+        manifest.state, manifest.error = StoryState.RUNNING, None
         self._save(manifest)
         self.emit(Phase.START, shot=manifest.shots_done)
         try:
@@ -325,18 +329,18 @@ class StoryRunner:
         except StoryInterrupted:
             raise
         except StoryCancelled as e:
-            manifest.state, manifest.error = "cancelled", str(e)
+            manifest.state, manifest.error = StoryState.CANCELLED, str(e)
             self._save_quietly(manifest)
             self.emit(Phase.CANCELLED, message=str(e))
             return manifest
         except Exception as e:
-            manifest.state, manifest.error = "failed", f"{type(e).__name__}: {e}"
+            manifest.state, manifest.error = StoryState.FAILED, f"{type(e).__name__}: {e}"
             # Storage that just failed every retry would make the report wait another full round.
             if not isinstance(e, StorageUnavailable):
                 self._save_quietly(manifest)
             self.emit(Phase.FAILED, message=manifest.error)
             raise
-        manifest.state = "done"
+        manifest.state = StoryState.DONE
         self._save(manifest)
         self.emit(Phase.DONE, shot=self.script.num_shots - 1)
         return manifest

@@ -178,7 +178,10 @@ def test_rayjob_entrypoint_is_a_valid_batch_command(manifests):
 
     job = _one(manifests["rayjob-batch.yaml"], "RayJob")
     argv = job["spec"]["entrypoint"].split()
-    assert argv[:3] == ["python", "-m", "storymem.batch"]
+    assert argv[:3] == ["python", "-m", "actors.batch"]
+    import actors.batch
+
+    assert callable(actors.batch.main)  # the in-cluster entry over storymem.batch's options
     args = batch.build_parser().parse_args(argv[3:])
     assert args.scripts.startswith("s3://") and args.out.startswith("s3://") and args.out.endswith(".parquet")
     bucket = args.out[len("s3://") :].split("/")[0]
@@ -199,7 +202,7 @@ def test_dockerfile_installs_the_package_and_its_entry_points():
     assert re.search(r"pip install .*torch==2\.14\.1 torchvision==0\.29\.1", text)
     assert "torch==2.14.1" in pyproject and "torchvision==0.29.1" in pyproject
     assert re.search(r"pip install --no-cache-dir \.", text)
-    assert "import serve_app, storymem.batch, actors" in text
+    assert "import serve_app, storymem.batch, actors.batch" in text
 
 
 def test_readme_names_the_files_and_the_values_to_set():

@@ -4,13 +4,15 @@ Starts a local S3 server (SeaweedFS; data under ./.storymem/s3, a free port, ran
 a private local Ray, starts the story engine on the embedded models, submits the story, shows its
 progress, downloads the final video from the bucket and prints where it is; then stops both.
 
-    python -m storymem.demo --story ../shared/st-bench/cat.json [--out out]
+    python -m actors.demo --story ../shared/st-bench/cat.json [--out out]
+
+It goes through the same facade as the HTTP API (`actors.client.EngineClient` over the engine
+actor), so the demo validates, follows and downloads exactly as a service client does.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import secrets
 import shutil
 import sys
@@ -21,50 +23,14 @@ from pathlib import Path
 EXIT_BAD_INPUT = 2
 
 
-def _inline_references(request):
-    """Reference images given as files become base64 data: the engine, like the service, reads no paths."""
-    from storymem.script import ImageRef
-
-    refs = [
-        ImageRef(data=base64.b64encode(Path(r.path).read_bytes()).decode()) if r.path is not None else r
-        for r in request.script.reference_images
-    ]
-    return request.model_copy(update={"script": request.script.model_copy(update={"reference_images": refs})})
-
-
-def _follow(engine, status: dict, quiet: bool) -> dict:
-    """Feed the story's events to progress bars until it ends; returns the final status."""
-    import ray
-
-    from storymem.local import ProgressBars
-    from storymem.progress import Phase, ProgressEvent
-
-    bars = None if quiet else ProgressBars(status["shots_total"], status["steps_total"] or 1)
-    after = 0
-    try:
-        while True:
-            events = ray.get(engine.events.remote(status["id"], after, 10.0))
-            for raw in events:
-                event = ProgressEvent.model_validate(raw)
-                after = event.seq
-                if bars is not None:
-                    bars(event)
-                if event.phase.terminal:
-                    return ray.get(engine.status.remote(status["id"]))
-                if quiet and event.phase == Phase.COMMIT:
-                    print(f"shot {event.shot + 1}/{event.shots_total} made", flush=True)
-                elif quiet and event.phase == Phase.STITCH:
-                    print("stitching the final video", flush=True)
-    finally:
-        if bars is not None:
-            bars.close()
-
-
 def run_demo(story: Path, out: Path, data: Path, quiet: bool = False) -> int:
+    from storymem.client import build_request
     from storymem.script import ScriptError, load_request
+    from storymem.service.contract import StoryMemError
 
     try:
-        request = _inline_references(load_request(story))
+        load_request(story)  # reads and checks referenced image files too
+        body = build_request(story)  # reference files as base64: the engine reads no paths
     except ScriptError as exc:
         for field, problem in exc.errors:
             print(f"{field}: {problem}", file=sys.stderr)
@@ -73,6 +39,7 @@ def run_demo(story: Path, out: Path, data: Path, quiet: bool = False) -> int:
     import ray
 
     from actors import init_local_ray, start_engine
+    from actors.client import EngineClient
     from storymem.config import EngineConfig, StoryMemConfig
     from storymem.s3server import LocalS3Server
     from storymem.storage import S3Store
@@ -88,23 +55,33 @@ def run_demo(story: Path, out: Path, data: Path, quiet: bool = False) -> int:
                 storage=server.storage_config("storymem"), engine=EngineConfig(namespace="storymem-demo")
             )
             print("starting the story engine (loading the embedded models)...", flush=True)
-            engine = start_engine(cfg)
-            status = ray.get(engine.submit.remote(request.model_dump(mode="json", exclude_unset=True)))
-            name = request.script.story_name or "story"
-            print(f"story {status['id']} ({name}): {status['shots_total']} shots", flush=True)
-            status = _follow(engine, status, quiet)
-            if status["state"] != "done":
-                print(f"story {status['state']}: {status['error']}", file=sys.stderr)
+            client = EngineClient(start_engine(cfg), cfg=cfg)
+            try:
+                story_id = client.submit(body)
+            except StoryMemError as exc:
+                for field, problem in exc.errors:
+                    print(f"{field}: {problem}", file=sys.stderr)
+                return EXIT_BAD_INPUT
+            first = client.status(story_id)
+            print(f"story {story_id} ({first.story_name or 'story'}): {first.shots_total} shots", flush=True)
+            if quiet:
+                for event in client.events(story_id):
+                    if event.phase.value == "commit":
+                        print(f"shot {event.shot + 1}/{event.shots_total} made", flush=True)
+                    elif event.phase.value == "stitch":
+                        print("stitching the final video", flush=True)
+                status = client.status(story_id)
+            else:
+                status = client.wait(story_id)
+            if status.state.value != "done":
+                print(f"story {status.state.value}: {status.error}", file=sys.stderr)
                 return 1
-            store = S3Store(cfg.storage)
-            key = status["video_key"]
-            local = out / status["id"] / "final.mp4"
-            local.parent.mkdir(parents=True, exist_ok=True)
-            store.get_file(key, local)
-            per_shot = status["seconds_per_shot"]
+            local = client.fetch_video(story_id, out / story_id / "final.mp4")
+            key = status.video_key
+            per_shot = status.seconds_per_shot
             print(f"done in {time.perf_counter() - t0:.0f} s ({sum(per_shot) / len(per_shot):.1f} s a shot)")
             print(f"bucket key:    s3://{cfg.storage.bucket}/{key}")
-            print(f"presigned URL: {store.url(key)}  (valid while this demo's S3 server runs)")
+            print(f"presigned URL: {S3Store(cfg.storage).url(key)}  (valid while this demo's S3 server runs)")
             print(f"local file:    {local.resolve()}")
             return 0
         finally:
@@ -113,7 +90,7 @@ def run_demo(story: Path, out: Path, data: Path, quiet: bool = False) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m storymem.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m actors.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--story", type=Path, required=True, help="story script (ST-Bench or flat form)")
     parser.add_argument("--out", type=Path, default=Path("out"), help="where final videos are saved (out/<id>/)")
     parser.add_argument("--data", type=Path, default=Path(".storymem"), help="the local S3 server's data lives here")
