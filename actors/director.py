@@ -215,6 +215,7 @@ class StoryDirector:
             is_cancelled=self._cancel.is_set,
             model_name=model_name,
             owner=owner,
+            attempt_id=f"{attempt}-{uuid.uuid4().hex[:12]}",  # the fence: a later director's claim stops this one
             bank=self.bank,
             stitcher=stitcher,
             on_commit=self._committed,

@@ -8,6 +8,7 @@ once the manifest lists it, so writers put the object first and the manifest las
 from __future__ import annotations
 
 import builtins
+import hashlib
 import http.client
 import io
 import logging
@@ -43,6 +44,16 @@ class StorageUnavailable(StorageError):
 
 class StorageAccessDenied(StorageError):
     """The store rejected the credentials or the permission for this call."""
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write found the object changed (If-Match) or present (If-None-Match: *):
+    another writer got there first."""
+
+
+def content_etag(data: bytes) -> str:
+    """The ETag S3 servers give a single-part object: the quoted MD5 of its bytes."""
+    return '"' + hashlib.md5(data).hexdigest() + '"'
 
 
 def validate_key(key: str, field: str = "key") -> str:
@@ -223,6 +234,27 @@ class LocalStore:
             keys.extend(rel + n for n in filenames if not n.startswith(_TMP_MARK) and (rel + n).startswith(prefix))
         return sorted(keys)
 
+    _cas_lock = threading.Lock()
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """The object's bytes and ETag; KeyError when missing."""
+        data = self.get_bytes(key)
+        return data, content_etag(data)
+
+    def put_if(self, key: str, data: bytes, content_type: str = "application/octet-stream", match: str | None = None) -> str:
+        """Write only if the object's ETag is `match` (None: only if it does not exist); the new
+        ETag. PreconditionFailed otherwise. Atomic within this process."""
+        data = _check_data(data)
+        with self._cas_lock:
+            try:
+                current = content_etag(self.get_bytes(key))
+            except KeyError:
+                current = None
+            if current != match:
+                raise PreconditionFailed(f"{key}: changed by another writer")
+            self.put_bytes(key, data, content_type)
+        return content_etag(data)
+
     def list_children(self, prefix: str) -> builtins.list[str]:
         """Names of the folders directly under `prefix` (a folder ending with '/'): one level only."""
         validate_prefix(prefix)
@@ -328,6 +360,7 @@ class S3Store:
             region=cfg.region,
             http_client=http,
         )
+        self._http = http
         self._bucket_ready = False
         self._lock = threading.Lock()
 
@@ -462,6 +495,61 @@ class S3Store:
             return self._call(f"get {key!r}", get)
         except _Missing:
             raise KeyError(key) from None
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """The object's bytes and ETag; KeyError when missing."""
+        validate_key(key)
+
+        def get() -> tuple[bytes, str]:
+            response = self._client.get_object(self.bucket, key)
+            try:
+                return response.read(), response.headers.get("ETag", "")
+            finally:
+                response.close()
+                response.release_conn()
+
+        try:
+            return self._call(f"get {key!r}", get)
+        except _Missing:
+            raise KeyError(key) from None
+
+    def put_if(self, key: str, data: bytes, content_type: str = "application/octet-stream", match: str | None = None) -> str:
+        """A conditional PUT: only if the object's ETag is `match` (If-Match), or with match None
+        only if it does not exist (If-None-Match: *). Returns the new ETag; PreconditionFailed when
+        another writer changed the object. The minio SDK sends no such header, so the PUT goes to a
+        presigned URL with the header added (S3, MinIO and SeaweedFS honour both)."""
+        from datetime import timedelta
+
+        validate_key(key)
+        data = _check_data(data)
+        ours = content_etag(data)
+        headers = {"Content-Type": content_type, **({"If-Match": match} if match else {"If-None-Match": "*"})}
+        tried = False
+
+        def put() -> str:
+            nonlocal tried
+            url = self._client.presigned_put_object(self.bucket, key, expires=timedelta(minutes=15))
+            first, tried = not tried, True
+            response = self._http.request("PUT", url, body=data, headers=headers)
+            if response.status == 412:
+                if not first:  # a retry after a lost answer: was the lost write ours?
+                    try:
+                        if self.get_versioned(key)[1] == ours:
+                            return ours
+                    except KeyError:
+                        pass
+                raise PreconditionFailed(f"S3 put {key!r}: changed by another writer (HTTP 412)")
+            if response.status == 404:
+                raise _Missing(f"NoSuchBucket (HTTP 404)")
+            if response.status >= 500 or response.status == 429:
+                raise ConnectionError(f"HTTP {response.status}")
+            if response.status in (401, 403):
+                raise StorageAccessDenied(f"S3 put {key!r} at {self.cfg.endpoint} was denied (HTTP {response.status})")
+            if response.status >= 300:
+                raise StorageError(f"S3 put {key!r} at {self.cfg.endpoint} failed: HTTP {response.status}")
+            return response.headers.get("ETag", ours)
+
+        return self._mutating(f"conditional put {key!r}", put)
 
     def stream(self, key: str, chunk: int = 1 << 20):
         """The object's bytes in chunks (KeyError now when missing; the request is retried until the

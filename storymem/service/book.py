@@ -26,8 +26,8 @@ from typing import Protocol
 from ..config import EngineConfig, ServiceLimits
 from ..progress import EventLog, Phase, ProgressEvent
 from ..script import GenerationSettings, StoryRequest, StoryScript
-from ..storage import StorageError, StoryLayout, make_story_id
-from ..story import Manifest, read_manifest, script_digest
+from ..storage import PreconditionFailed, StorageError, StoryLayout, make_story_id
+from ..story import Manifest, read_manifest, read_manifest_versioned, script_digest, write_manifest
 from .contract import (
     Conflict,
     InvalidRequest,
@@ -332,11 +332,17 @@ class JobBook:
 
         def write() -> None:
             layout = StoryLayout(story_id)
-            manifest = read_manifest(self.store, layout)
-            if manifest is None:
-                return
-            manifest.state, manifest.error, manifest.updated = state, error, time.time()
-            self.store.put_bytes(layout.manifest, manifest.model_dump_json(indent=2).encode(), "application/json")
+            for _ in range(5):  # a conditional write: a late director's commit is never overwritten blindly
+                manifest, etag = read_manifest_versioned(self.store, layout)
+                if manifest is None:
+                    return
+                manifest.state, manifest.error, manifest.updated = state, error, time.time()
+                try:
+                    write_manifest(self.store, layout, manifest, etag)
+                    return
+                except PreconditionFailed:
+                    continue
+            raise StorageError(f"{layout.manifest}: kept changing under a state change")
 
         await self._io(write)
 
@@ -438,7 +444,7 @@ class JobBook:
             put = self.store.put_bytes
             put(layout.script, request.script.model_dump_json(indent=2).encode(), "application/json")
             put(layout.settings, settings.model_dump_json(indent=2).encode(), "application/json")
-            put(layout.manifest, manifest.model_dump_json(indent=2).encode(), "application/json")  # the commit
+            write_manifest(self.store, layout, manifest, None)  # the commit: a new story, no earlier version
 
         reservation = asyncio.get_running_loop().create_future() if key is not None else None
         if key is not None:
