@@ -57,6 +57,7 @@ from storymem.service.facade import (
     FACADE_METHODS,
     Principal,
     StoryService,
+    check_deployment,
     check_security,
     parse_count,
 )
@@ -116,7 +117,7 @@ def connect(cfg: StoryMemConfig) -> StoryService:
     from actors.client import AsyncEngine
     from storymem.storage import S3Store
 
-    check_security(cfg.service)
+    check_deployment(cfg)
     try:
         handle = get_engine(cfg.engine.namespace)
     except ValueError:
@@ -496,7 +497,7 @@ def build_app(args: dict | None = None):
 
 def ingress_app(cfg: StoryMemConfig):
     """The Serve application for a resolved config: replicas, concurrency and CPUs from cfg.service."""
-    check_security(cfg.service)
+    check_deployment(cfg)
     s = cfg.service
     return StoryMemIngress.options(
         num_replicas=s.ingress_replicas,

@@ -15,6 +15,7 @@ import ray
 
 from storymem.config import StoryMemConfig
 from storymem.service.book import JobBook, Run
+from storymem.service.contract import StoryState
 from storymem.storage import S3Store
 
 from ._common import ACTOR_LOST
@@ -44,6 +45,21 @@ class _Directors:
         director = self.live.get(story_id)
         if director is not None:
             director.cancel.remote()
+            asyncio.get_running_loop().create_task(self._enforce(story_id, director))
+
+    async def _enforce(self, story_id: str, director) -> None:
+        """Past the cancel deadline the story's generator is killed and replaced (its step may be
+        long or hung); past twice the deadline its director too."""
+        deadline = self.engine.cfg.engine.cancel_deadline_s
+        await asyncio.sleep(deadline)
+        if self.live.get(story_id) is not director:
+            return
+        killed = await self.engine.pool.kill_story.remote(story_id)
+        log.warning("story %s: cancel past its %.0f s deadline; killed %d generator(s)", story_id, deadline, killed)
+        await asyncio.sleep(deadline)
+        if self.live.get(story_id) is director:
+            log.warning("story %s: director still running past the cancel deadline; killing it", story_id)
+            ray.kill(director, no_restart=True)
 
     async def run(self, job: Run) -> dict:
         e, book = self.engine, self.engine.book
@@ -78,6 +94,8 @@ class _Directors:
                 log.warning("director of story %s lost (%s), attempt %d", job.story_id, lost, attempt)
                 await e.pool.release_story.remote(job.story_id)
                 if book.is_cancel_requested(job.story_id):
+                    # The director died before it could record the cancel: the book records it.
+                    await book._write_state(job.story_id, StoryState.CANCELLED, "cancelled by request")
                     return {"state": "cancelled", "error": "cancelled by request"}
                 if attempt < attempts:
                     book.director_lost(job.story_id, f"director lost ({lost}); resuming from the last committed shot")
@@ -165,6 +183,10 @@ class StoryEngine:
             out["memory_pid"] = await asyncio.wait_for(self.bank.pid.remote(), 10)
         except (asyncio.TimeoutError, *ACTOR_LOST):
             out["memory_pid"] = None
+        try:
+            out["pool_pid"] = await asyncio.wait_for(self.pool.pid.remote(), 10)
+        except (asyncio.TimeoutError, *ACTOR_LOST):
+            out["pool_pid"] = None
         if story_id is not None:
             await self.book.status(story_id)
             director = self.directors.live.get(story_id)

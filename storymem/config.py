@@ -166,6 +166,14 @@ class EngineConfig(_Strict):
         "by one that resumes from the last committed shot, this many times in all.",
     )
     event_log_capacity: int = Field(2000, ge=10, le=1_000_000, description="Progress events kept per story.")
+    cancel_deadline_s: float = Field(
+        30.0, gt=0, le=3600, description="A cancel takes effect within this: past it, the generator making the "
+        "story's shot is killed and replaced (a denoising step can be long), then its director.",
+    )
+    step_timeout_s: float = Field(
+        900.0, gt=0, le=86400, description="A generator that reports no denoising step for this long is killed "
+        "and replaced, and the shot retried on another (hung kernels, stuck devices).",
+    )
     detached: bool = Field(
         False, description="Start the engine as a detached actor that outlives the process that started it."
     )

@@ -48,6 +48,8 @@ def stack(ray_local, s3_server):
         max_queued_stories=3,
         max_running_stories=2,
         namespace=f"test-{uuid.uuid4().hex[:8]}",
+        cancel_deadline_s=2.0,
+        step_timeout_s=10.0,
     )
     cfg = StoryMemConfig(storage=storage, engine=engine_cfg)
     t0 = time.perf_counter()
@@ -325,6 +327,76 @@ def test_bad_requests_are_refused_with_the_field_named(stack):
         _get(stack.engine.submit.remote(SCRIPT))
     with pytest.raises(StoryNotFound):
         _get(stack.engine.status.remote("no-such-story"))
+
+
+def _leased(stack, story_id, shot):
+    gens = _get(stack.engine.internals.remote())["pool"]["generators"]
+    (victim,) = [g for g in gens if g["lease"] == {"story": story_id, "shot": shot}]
+    return victim
+
+
+def test_hung_generator_is_replaced_and_the_shot_retried(stack, baseline):
+    story_id = _submit(stack)
+    _wait_event(stack, story_id, _denoising(1))
+    victim = _leased(stack, story_id, 1)
+    os.kill(victim["pid"], signal.SIGSTOP)  # alive, silent: no step comes any more
+    try:
+        status = _wait_end(stack, story_id, timeout=180)
+    finally:
+        try:
+            os.kill(victim["pid"], signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert status["state"] == "done", status["error"]
+    assert [r.attempts for r in _manifest(stack, story_id).shots] == [1, 2, 1]
+    np.testing.assert_array_equal(_final(stack, story_id), baseline.final)
+    _until(lambda: _get(stack.engine.health.remote())["generators"] == 2, 120)
+
+
+def test_cancel_takes_effect_within_its_deadline_even_inside_a_hung_step(stack, baseline):
+    story_id = _submit(stack)
+    _wait_event(stack, story_id, _denoising(1))
+    victim = _leased(stack, story_id, 1)
+    os.kill(victim["pid"], signal.SIGSTOP)  # the step never ends: only killing it stops the shot
+    t0 = time.monotonic()
+    try:
+        _get(stack.engine.cancel.remote(story_id))
+        status = _wait_end(stack, story_id, timeout=60)
+    finally:
+        try:
+            os.kill(victim["pid"], signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    took = time.monotonic() - t0
+    assert status["state"] == "cancelled"
+    assert took < stack.cfg.engine.cancel_deadline_s + 8, took
+    assert _manifest(stack, story_id).state == "cancelled" and _manifest(stack, story_id).shots_done == 1
+    _until(lambda: _get(stack.engine.health.remote())["generators"] == 2, 120)
+    slot = [g for g in _get(stack.engine.internals.remote())["pool"]["generators"] if g["slot"] == victim["slot"]][0]
+    assert slot["pid"] != victim["pid"]  # killed and replaced
+
+
+def test_dead_generator_pool_is_recreated_and_the_story_finishes(stack, baseline):
+    story_id = _submit(stack)
+    _wait_event(stack, story_id, _denoising(1))
+    pid = _get(stack.engine.internals.remote())["pool_pid"]
+    os.kill(pid, signal.SIGKILL)
+    status = _wait_end(stack, story_id, timeout=180)
+    assert status["state"] == "done", status["error"]
+    np.testing.assert_array_equal(_final(stack, story_id), baseline.final)
+    seen = []
+
+    def recovered():
+        seen.append(_get(stack.engine.health.remote()))
+        return seen[-1]["generators"] == 2 and seen[-1]["ready"]
+
+    try:
+        _until(recovered, 120, every=1.0)
+    except AssertionError:
+        import ray
+
+        raise AssertionError(f"{seen[-3:]}; {ray.available_resources()}; {_get(stack.engine.internals.remote())['pool']}")
+    assert _get(stack.engine.internals.remote())["pool_pid"] not in (None, pid)
 
 
 def test_engine_restart_keeps_accepted_stories_and_resumes_them_by_itself(stack, baseline):

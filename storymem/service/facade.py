@@ -38,8 +38,8 @@ API_VERSION = "v1"
 MIN_TOKEN_CHARS = 16
 # Tokens and keys of the shipped examples (cluster/*.yaml, docs): a service refuses to run with them.
 SAMPLE_SECRETS = frozenset({
-    "change-me-to-a-long-random-token", "replace-with-a-long-random-token", "storymem-sample-token-change-me",
-    "minioadmin", "storymem-minio-secret-change-me", "storymem-minio",
+    "change-me-to-a-long-random-token", "change-me-to-a-long-random-key", "change-me-to-a-long-random-ray-token",
+    "change-me-to-a-long-random-redis-password", "minioadmin",
 })  # fmt: skip
 _ID_PROBLEM = "not a story id (1 to 64 letters, digits, '_' or '-', starting with a letter or digit)"
 _DIGITS = re.compile(r"[0-9]{1,18}")  # ASCII only: str.isdigit() also takes '²' and '٣'
@@ -118,6 +118,15 @@ def check_security(cfg: ServiceConfig) -> bytes | None:
             "or set service.allow_no_auth for a machine whose API port nobody else can reach"
         )
     return check_secret("service.api_token", token)
+
+
+def check_deployment(cfg: StoryMemConfig) -> bytes | None:
+    """check_security, and the object store's keys are not the samples of cluster/minio.yaml."""
+    for name in ("access_key", "secret_key"):
+        value = getattr(cfg.storage, name).get_secret_value()
+        if value in SAMPLE_SECRETS:
+            raise ValueError(f"storage.{name}: is the sample value from cluster/minio.yaml; make a random one")
+    return check_security(cfg.service)
 
 
 class Authenticator:
@@ -382,6 +391,7 @@ __all__ = [
     "FACADE_METHODS",
     "Principal",
     "StoryService",
+    "check_deployment",
     "check_security",
     "parse_count",
     "parse_id",
