@@ -112,6 +112,7 @@ class ShotGeneratorActor:
         return {
             "name": self.name,
             "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
             "calls": self.calls,
             "busy_s": self.busy_s,
             "uptime_s": time.time() - self.started,
@@ -126,4 +127,7 @@ class ShotGeneratorActor:
 
 def generator_options(engine: EngineConfig) -> dict:
     """Ray options of a generator actor from the engine configuration."""
-    return {"num_cpus": engine.cpus_per_generator, "num_gpus": engine.gpus_per_generator}
+    options = {"num_cpus": engine.cpus_per_generator, "num_gpus": engine.gpus_per_generator}
+    if engine.generator_resources:
+        options["resources"] = dict(engine.generator_resources)
+    return options

@@ -40,6 +40,7 @@ class _Slot:
     ready: bool = False
     broken: str | None = None  # the generator could not load its model
     pid: int | None = None
+    node: str | None = None  # the Ray node the generator runs on
     lease: tuple[str, int, float, float] | None = None  # (story, shot, since monotonic, since unix)
     idle_since: float = field(default_factory=time.monotonic)
     busy_s: float = 0.0
@@ -103,7 +104,7 @@ class GeneratorPool:
                 self._fail_waiters_if_all_broken()
             return
         if slot.generation == generation:
-            slot.ready, slot.pid = True, info["pid"]
+            slot.ready, slot.pid, slot.node = True, info["pid"], info.get("node")
             self._dispatch()
 
     def _fail_waiters_if_all_broken(self) -> None:
@@ -264,6 +265,7 @@ class GeneratorPool:
                     "slot": s.index,
                     "name": s.name,
                     "pid": s.pid,
+                    "node": s.node,
                     "ready": s.ready,
                     "broken": s.broken,
                     "lease": None if s.lease is None else {"story": s.lease[0], "shot": s.lease[1]},

@@ -154,6 +154,11 @@ class EngineConfig(_Strict):
         0.0, ge=0, le=8, description="GPUs each generator reserves (1 on GPU clusters, 0 on CPU)."
     )
     cpus_per_generator: float = Field(1.0, ge=0, le=256, description="CPUs each generator reserves.")
+    generator_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each generator also reserves, to place generators on chosen nodes "
+        "(e.g. {\"gpu-node\": 1} with `ray start --resources`).",
+    )
     num_scorers: int = Field(1, ge=1, le=256, description="Scorer actors.")
     max_shot_attempts: int = Field(3, ge=1, le=20, description="Attempts per shot across generators.")
     max_queued_stories: int = Field(64, ge=1, le=100000, description="Stories waiting or running; more get 429.")

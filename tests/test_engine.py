@@ -110,8 +110,13 @@ def _denoising(shot, step=1):
 
 
 def _wait_end(stack, story_id, timeout=120.0) -> dict:
+    from ray.exceptions import ActorUnavailableError
+
     def ended():
-        status = _get(stack.engine.status.remote(story_id))
+        try:
+            status = _get(stack.engine.status.remote(story_id))
+        except ActorUnavailableError:  # the engine is restarting (a test killed it): ask again
+            return None
         return status if status["state"] in TERMINAL else None
 
     return _until(ended, timeout, every=0.2)
