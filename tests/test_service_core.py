@@ -408,3 +408,22 @@ def test_sample_and_weak_secrets_are_refused():
         check_security(ServiceConfig(api_token="change-me-to-a-long-random-token"))
     with pytest.raises(ValueError, match="api_keys.bob"):
         check_security(ServiceConfig(api_token=ADMIN_TOKEN, api_keys={"bob": "short"}))
+
+
+def test_model_capability_checks_run_at_intake_with_the_engine_profile(tmp_path):
+    from storymem.script import ScriptError
+
+    seen = []
+
+    def transitions_supported(request, profile):
+        seen.append(profile["name"])
+        if request.settings.transition.value not in profile.get("transitions", ("none", "mi2v")):
+            raise ScriptError([("settings.transition", f"{request.settings.transition.value} needs a LoRA this model lacks")])
+
+    service, book, driver, store = _service(tmp_path)
+    service.checks = [transitions_supported]
+    with TestClient(serve_app.create_app(service)) as http:
+        r = http.post("/v1/stories", json={**STORY, "settings": {"transition": "mm2v"}}, headers=_auth())
+        assert r.status_code == 422 and r.json()["detail"][0]["field"] == "settings.transition"
+        assert http.post("/v1/stories", json=STORY, headers=_auth()).status_code == 202
+    assert seen == ["fake", "fake"] and len(store.list_children("stories/")) == 1

@@ -30,7 +30,7 @@ from .contract import (
     StoryStatus,
     Unauthorized,
 )
-from .intake import Check, normalise, request_digest
+from .intake import MODEL_CHECKS, Check, normalise, request_digest
 
 log = logging.getLogger("storymem.service")
 
@@ -189,12 +189,12 @@ class StoryService:
     """What every front end does, over an engine (EngineAPI coroutines) and the store; raises
     StoryMemError subclasses, each with its HTTP status and the fields at fault."""
 
-    def __init__(self, engine, store, cfg: StoryMemConfig, checks: Sequence[Check] = ()):
+    def __init__(self, engine, store, cfg: StoryMemConfig, checks: Sequence[Check] | None = None):
         self.engine = engine
         self.store = store
         self.cfg = cfg
         self.auth = Authenticator(cfg.service)
-        self.checks = list(checks)
+        self.checks = list(MODEL_CHECKS if checks is None else checks)
         self._presigner = _Presigner(cfg) if cfg.service.public_s3_endpoint else None
         self._profile: dict | None = None
         self._status_cache: dict[tuple, tuple[float, dict]] = {}

@@ -26,6 +26,9 @@ from .contract import InvalidRequest
 # loaded model has no LoRA for it). Gets the resolved request and the engine's profile.
 Check = Callable[[StoryRequest, dict], None]
 
+# The checks every StoryService runs (the profile carries what the loaded model supports).
+MODEL_CHECKS: list[Check] = []
+
 
 def wrap(data: Any) -> tuple[dict, bool]:
     """The body in the wrapped form `{"script", "settings"?}` (unset settings stay unset), and
@@ -144,4 +147,4 @@ def _reduce_references(request: StoryRequest, prefix: str) -> StoryRequest:
     return request.model_copy(update={"script": script})
 
 
-__all__ = ["Check", "normalise", "request_digest", "wrap"]
+__all__ = ["Check", "MODEL_CHECKS", "normalise", "request_digest", "wrap"]
