@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m storymem.demo --story $(STORY) $(DEMO_ARGS)
+	$(PY) -m actors.demo --story $(STORY) $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -1,4 +1,4 @@
-"""StoryMem's HTTP API: a FastAPI app behind Ray Serve, over the story engine (actors/api.py).
+"""StoryMem's HTTP API: routes only, over the service facade (`storymem.service.facade.StoryService`).
 
     serve run serve_app:build_app config=storymem.yaml          # or `serve deploy` with a config file
     make serve                                                  # Ray head + S3 + engine + this app
@@ -15,21 +15,21 @@ Routes (all under /v1 need `Authorization: Bearer <token>`; /healthz does not):
     POST   /v1/stories/{id}/resume     continue a failed or cancelled story from its last committed shot
     DELETE /v1/stories/{id}            cancel
     GET    /healthz                    liveness of the API and the engine
+    GET    /readyz                     readiness: a generator loaded and the engine's stories read
     GET    /docs, /openapi.json        OpenAPI
 
 Every error is `{"detail": [{"field": ..., "problem": ...}]}` with a 4xx/5xx status. Story ids are
 made by the server and checked against its pattern; no request names a path or an object key.
+What each route does (validation, tenants, limits, idempotency) is the facade's; this module parses
+HTTP and shapes responses.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hmac
 import json
 import logging
 import math
 import os
-import time
 from typing import Any
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -40,29 +40,31 @@ from pydantic import BaseModel, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from actors.api import StoryState, StoryStatus, get_engine
-from storymem.client import (
-    AsyncEngine,
-    Conflict,
+from storymem.config import ServiceConfig, StoryMemConfig, load_config
+from storymem.progress import EventCursor
+from storymem.script import StoryRequest
+from storymem.service.contract import (
     InvalidRequest,
-    NotFound,
     ServiceUnavailable,
     StoryMemError,
     StoryPage,
-    Unauthorized,
-    engine_error,
+    StoryState,
+    StoryStatus,
 )
-from storymem.config import ServiceConfig, StoryMemConfig, load_config
-from storymem.progress import Phase
-from storymem.script import ScriptError, StoryRequest, load_request
-from storymem.storage import STORY_ID_RE, S3Store, StorageError, StoryLayout
+from storymem.service.facade import (
+    ADMIN,
+    API_VERSION,
+    FACADE_METHODS,
+    Principal,
+    StoryService,
+    check_deployment,
+    check_security,
+    parse_count,
+)
 
 log = logging.getLogger("storymem.serve")
 
-API_VERSION = "v1"
 APP_NAME = "storymem"
-MIN_TOKEN_CHARS = 16
-_ID_PROBLEM = "not a story id (1 to 64 letters, digits, '_' or '-', starting with a letter or digit)"
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -103,258 +105,30 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in (
         (401, "Missing or wrong bearer token."),
-        (404, "No such story (or shot)."),
+        (404, "No such story (or shot), or a story of another tenant."),
         (422, "A parameter is malformed; `detail` names it."),
     )
 }
 
 
-# ---------------------------------------------------------------------------------------- security
+def connect(cfg: StoryMemConfig) -> StoryService:
+    """The facade over the running engine (started here when none runs and service.start_engine)."""
+    from actors.api import get_engine
+    from actors.client import AsyncEngine
+    from storymem.storage import S3Store
 
-
-def check_security(cfg: ServiceConfig) -> bytes | None:
-    """The API token as bytes, or None when `allow_no_auth` is set; refuses weak or missing tokens."""
-    token = cfg.api_token.get_secret_value() if cfg.api_token is not None else ""
-    if not token:
-        if cfg.allow_no_auth:
-            log.warning("the StoryMem API runs WITHOUT authentication (service.allow_no_auth is set)")
-            return None
-        raise ValueError(
-            "service.api_token: no API token is configured; set STORYMEM_API_TOKEN (or service.api_token), "
-            "or set service.allow_no_auth for a machine whose API port nobody else can reach"
-        )
-    if len(token) < MIN_TOKEN_CHARS:
-        raise ValueError(f"service.api_token: must be at least {MIN_TOKEN_CHARS} characters")
-    if not token.isprintable() or any(c.isspace() for c in token) or not token.isascii():
-        raise ValueError("service.api_token: must be printable ASCII without spaces")
-    return token.encode()
-
-
-def check_id(story_id: str) -> str:
-    if not STORY_ID_RE.match(story_id):
-        raise InvalidRequest(422, [("id", _ID_PROBLEM)])
-    return story_id
-
-
-class _Presigner:
-    """Presigned GETs for a public S3 host: signing is local, so nothing dials that host from here."""
-
-    def __init__(self, cfg: StoryMemConfig):
-        from minio import Minio
-
-        s = cfg.storage
-        self.bucket = s.bucket
-        self._client = Minio(
-            cfg.service.public_s3_endpoint,
-            access_key=s.access_key.get_secret_value() or None,
-            secret_key=s.secret_key.get_secret_value() or None,
-            secure=cfg.service.public_s3_secure,
-            region=s.region or "us-east-1",  # a set region keeps minio from asking the server
-        )
-
-    def url(self, key: str, expires_s: int) -> str:
-        from datetime import timedelta
-
-        return self._client.presigned_get_object(self.bucket, key, expires=timedelta(seconds=expires_s))
-
-
-# ---------------------------------------------------------------------------------------- service
-
-
-class StoryService:
-    """What the routes do, over an engine and a store; raises StoryMemError subclasses (status + fields).
-
-    Shared by the HTTP routes and the ingress deployment's handle methods (EngineClient), so both
-    apply the same validation and limits.
-    """
-
-    def __init__(self, engine: AsyncEngine, store, cfg: StoryMemConfig):
-        self.engine = engine
-        self.store = store
-        self.cfg = cfg
-        self.token = check_security(cfg.service)
-        self._presigner = _Presigner(cfg) if cfg.service.public_s3_endpoint else None
-        self._status_cache: dict[str, tuple[float, dict]] = {}
-        self._status_calls: dict[str, asyncio.Future] = {}
-
-    @classmethod
-    def connect(cls, cfg: StoryMemConfig) -> StoryService:
-        """The running engine (started here when none runs and service.start_engine), and the bucket."""
-        check_security(cfg.service)
-        try:
-            handle = get_engine(cfg.engine.namespace)
-        except ValueError:
-            if not cfg.service.start_engine:
-                raise
-            from actors import start_engine
-
-            # Detached: the engine must outlive this replica (other replicas and batch jobs use it).
-            engine_cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"detached": True})})
-            handle = start_engine(engine_cfg)
-        return cls(AsyncEngine(handle), S3Store(cfg.storage), cfg)
-
-    async def _engine(self, coro):
-        try:
-            return await coro
-        except StoryMemError:
+    check_deployment(cfg)
+    try:
+        handle = get_engine(cfg.engine.namespace)
+    except ValueError:
+        if not cfg.service.start_engine:
             raise
-        except Exception as exc:
-            mapped = engine_error(exc)
-            if isinstance(mapped, StoryMemError):
-                raise mapped from None
-            log.exception("engine call failed")
-            raise ServiceUnavailable(503, [("<engine>", "the engine failed to answer")]) from None
+        from actors import start_engine
 
-    async def _storage(self, fn, *args):
-        try:
-            return await asyncio.to_thread(fn, *args)
-        except KeyError:
-            raise NotFound(404, [("id", "the object is missing from storage")]) from None
-        except StorageError:
-            log.exception("storage call failed")
-            raise ServiceUnavailable(503, [("<storage>", "the object store did not answer")]) from None
-
-    # -- stories
-    async def submit(self, data: Any) -> dict:
-        """Validate a parsed JSON body and hand it to the engine; nothing is stored when it is rejected."""
-        if not isinstance(data, dict):
-            raise InvalidRequest(422, [("<json>", f"the body must be a JSON object, got {type(data).__name__}")])
-        try:
-            load_request(data, allow_paths=False)
-        except ScriptError as exc:
-            raise InvalidRequest(422, exc.errors) from None
-        # The engine gets what the client wrote (unset settings stay unset, so that the model
-        # profile's defaults apply), in the wrapped form.
-        if "script" in data:
-            body = {k: data[k] for k in ("script", "settings") if k in data}
-        else:
-            body = {"script": {k: v for k, v in data.items() if k != "settings"}}
-            if "settings" in data:
-                body["settings"] = data["settings"]
-        return await self._engine(self.engine.submit(body, None))
-
-    async def status(self, story_id: str) -> dict:
-        return await self._engine(self.engine.status(check_id(story_id)))
-
-    async def polled_status(self, story_id: str) -> dict:
-        """status() for pollers: answered from a copy at most service.status_cache_s old, and
-        concurrent polls of one story share one engine call (many pollers, one engine actor)."""
-        ttl = self.cfg.service.status_cache_s
-        if ttl <= 0:
-            return await self.status(story_id)
-        hit = self._status_cache.get(story_id)
-        if hit is not None and time.monotonic() - hit[0] < ttl:
-            return hit[1]
-        call = self._status_calls.get(story_id)
-        if call is None:
-            call = asyncio.ensure_future(self.status(story_id))
-            self._status_calls[story_id] = call
-            call.add_done_callback(lambda f: self._call_done(story_id, f))
-        result = await asyncio.shield(call)  # a poller that hangs up must not cancel the others' call
-        now = time.monotonic()
-        if len(self._status_cache) >= 4096:
-            self._status_cache = {k: v for k, v in self._status_cache.items() if now - v[0] < ttl}
-        self._status_cache[story_id] = (now, result)
-        return result
-
-    def _call_done(self, story_id: str, call: asyncio.Future) -> None:
-        self._status_calls.pop(story_id, None)
-        if not call.cancelled():
-            call.exception()  # retrieved here too, so an error nobody awaited any more is not logged
-
-    async def cancel(self, story_id: str) -> dict:
-        self._status_cache.pop(story_id, None)
-        return await self._engine(self.engine.cancel(check_id(story_id)))
-
-    async def resume(self, story_id: str) -> dict:
-        self._status_cache.pop(story_id, None)
-        return await self._engine(self.engine.resume(check_id(story_id)))
-
-    async def list(self, offset: int = 0, limit: int = 20, state: str | None = None) -> dict:
-        errors = []
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            errors.append(("offset", "must be an integer >= 0"))
-        top = self.cfg.service.page_size_max
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= top:
-            errors.append(("limit", f"must be an integer in 1..{top}"))
-        if state is not None and state not in {s.value for s in StoryState}:
-            errors.append(("state", f"must be one of {', '.join(s.value for s in StoryState)}"))
-        if errors:
-            raise InvalidRequest(422, errors)
-        page = await self._engine(self.engine.list(offset, limit, state))
-        return {"items": page["items"], "total": page["total"], "offset": offset, "limit": limit}
-
-    async def events(self, story_id: str, after: int = 0, timeout: float = 0.0) -> list[dict]:
-        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
-            raise InvalidRequest(422, [("after", "must be an integer >= 0")])
-        timeout = min(max(float(timeout), 0.0), 60.0)
-        return await self._engine(self.engine.events(check_id(story_id), after, timeout))
-
-    async def health(self) -> dict:
-        try:
-            engine = await asyncio.wait_for(self.engine.health(), timeout=10.0)
-        except Exception as exc:
-            log.warning("engine health check failed: %s", type(exc).__name__)
-            raise ServiceUnavailable(503, [("<engine>", "the engine did not answer")]) from None
-        return {"status": "ok", "api": API_VERSION, "engine": engine}
-
-    # -- artefacts
-    def _expiry(self, expires_s: int | None) -> int:
-        top = self.cfg.storage.presign_expiry_s
-        if expires_s is None:
-            return top
-        if isinstance(expires_s, bool) or not isinstance(expires_s, int) or not 60 <= expires_s <= top:
-            raise InvalidRequest(422, [("expires_s", f"must be an integer in 60..{top}")])
-        return expires_s
-
-    def _presign(self, key: str, expires_s: int) -> str:
-        if self._presigner is not None:
-            return self._presigner.url(key, expires_s)
-        return self.store.url(key, expires_s)
-
-    async def video_key(self, story_id: str, shot: int | None) -> str:
-        status = StoryStatus.model_validate(await self.status(story_id))
-        if shot is None:
-            if status.state != StoryState.DONE or not status.video_key:
-                raise Conflict(409, [("id", f"the story is {status.state.value}; its video exists once it is done")])
-            return status.video_key
-        if isinstance(shot, bool) or not isinstance(shot, int) or shot < 0:
-            raise InvalidRequest(422, [("k", "must be an integer >= 0")])
-        if shot >= status.shots_total:
-            raise NotFound(404, [("k", f"the story has {status.shots_total} shots (0..{status.shots_total - 1})")])
-        if shot >= status.shots_done:
-            raise Conflict(409, [("k", f"shot {shot} is not committed yet ({status.shots_done} done)")])
-        return StoryLayout(story_id).shot(shot)
-
-    async def video_link(self, story_id: str, shot: int | None = None, expires_s: int | None = None) -> dict:
-        seconds = self._expiry(expires_s)
-        key = await self.video_key(story_id, shot)
-        url = await self._storage(self._presign, key, seconds)
-        return {"id": story_id, "shot": shot, "url": url, "expires_s": seconds, "expires_at": time.time() + seconds}
-
-    async def video_bytes(self, story_id: str, shot: int | None = None) -> bytes:
-        key = await self.video_key(story_id, shot)
-        return await self._storage(self.store.get_bytes, key)
-
-    async def memory(self, story_id: str, expires_s: int | None = None) -> dict:
-        seconds = self._expiry(expires_s)
-        shots = await self._engine(self.engine.memory(check_id(story_id)))
-
-        def sign() -> list[dict]:
-            by_frame: dict[tuple[int, int], dict] = {}
-            out = []
-            for record in shots:
-                keyframes = [dict(kf, url=self._presign(kf["key"], seconds)) for kf in record.get("keyframes", [])]
-                for kf in keyframes:
-                    by_frame[(record.get("index"), kf.get("frame"))] = kf
-                used = []
-                for item in record.get("memory_used", []):
-                    known = by_frame.get((item.get("shot"), item.get("frame")))
-                    used.append(dict(item, key=known["key"], url=known["url"]) if known else dict(item))
-                out.append(dict(record, keyframes=keyframes, memory_used=used))
-            return out
-
-        return {"id": story_id, "expires_s": seconds, "shots": await self._storage(sign)}
+        # Detached: the engine must outlive this replica (other replicas and batch jobs use it).
+        engine_cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"detached": True})})
+        handle = start_engine(engine_cfg)
+    return StoryService(AsyncEngine(handle), S3Store(cfg.storage), cfg)
 
 
 # ---------------------------------------------------------------------------------------- HTTP
@@ -456,40 +230,36 @@ def create_app(service: StoryService | None = None) -> FastAPI:
             raise ServiceUnavailable(503, [("<server>", "this app is not bound to an engine")])
         return service
 
-    async def auth(request: Request) -> None:
-        token = svc().token
-        if token is None:
-            return
-        header = request.headers.get("authorization")
-        if not header:
-            raise Unauthorized(401, [("Authorization", "missing bearer token")])
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() != "bearer" or not value.strip():
-            raise Unauthorized(401, [("Authorization", "expected 'Bearer <token>'")])
-        if not hmac.compare_digest(value.strip().encode("utf-8", "replace"), token):
-            raise Unauthorized(401, [("Authorization", "invalid token")])
+    async def who(request: Request) -> Principal:
+        return svc().auth(request.headers.get("authorization"))
 
-    guarded = [Depends(auth)]
+    guarded = [Depends(who)]
     id_p = PathParam(alias="id", description="Story id, as returned by POST /v1/stories.")
     k_p = PathParam(description="Shot index, 0-based.")
     v1 = f"/{API_VERSION}/stories"
 
-    @app.get("/healthz", tags=["health"], summary="Liveness of the API and the engine (no token).")
+    @app.get("/healthz", tags=["health"], summary="Liveness: the API and the engine answer (no token).")
     async def healthz():
         return await svc().health()
+
+    @app.get("/readyz", tags=["health"], responses={503: {"model": ErrorBody}},
+             summary="Readiness: 200 only with a loaded generator and the engine's stories read (no token).")  # fmt: skip
+    async def readyz():
+        return await svc().ready()
 
     @app.post(
         v1,
         status_code=202,
         response_model=SubmitResponse,
-        dependencies=guarded,
         tags=["stories"],
-        summary="Submit a story script and its settings.",
-        responses={**_ERRORS, 400: {"model": ErrorBody}, 413: {"model": ErrorBody}, 415: {"model": ErrorBody},
-                   429: {"model": ErrorBody, "description": "The queue is full; see Retry-After."}},  # fmt: skip
+        summary="Submit a story script and its settings (answered once the story is stored).",
+        responses={**_ERRORS, 400: {"model": ErrorBody}, 409: {"model": ErrorBody, "description": "The "
+                   "Idempotency-Key was used with another body."}, 413: {"model": ErrorBody},
+                   415: {"model": ErrorBody}, 429: {"model": ErrorBody, "description": "The queue or the "
+                   "tenant's quota is full; see Retry-After."}},  # fmt: skip
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {}}}}},
     )
-    async def submit(request: Request, response: Response):
+    async def submit(request: Request, response: Response, caller: Principal = Depends(who)):
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json" and not ctype.endswith("+json"):
             raise InvalidRequest(415, [("Content-Type", "must be application/json")])
@@ -502,7 +272,7 @@ def create_app(service: StoryService | None = None) -> FastAPI:
             raise InvalidRequest(400, [("<json>", f"line {exc.lineno} column {exc.colno}: {exc.msg}")]) from None
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise InvalidRequest(400, [("<json>", f"not valid JSON ({type(exc).__name__})")]) from None
-        status = await svc().submit(data)
+        status = await svc().submit(data, caller, request.headers.get("idempotency-key"))
         story = status["id"]
         response.headers["Location"] = f"{v1}/{story}"
         links = {
@@ -513,76 +283,75 @@ def create_app(service: StoryService | None = None) -> FastAPI:
         }
         return {**status, "links": links}
 
-    @app.get(v1, response_model=StoryPage, dependencies=guarded, tags=["stories"], summary="List stories.",
+    @app.get(v1, response_model=StoryPage, tags=["stories"], summary="List stories (a tenant sees its own).",
              responses=_ERRORS)  # fmt: skip
     async def list_stories(
-        offset: int = Query(0, ge=0, le=10**9, description="Stories to skip."),
-        limit: int = Query(20, ge=1, le=cfg.page_size_max, description="Page size."),
+        caller: Principal = Depends(who),
+        offset: str = Query("0", description="Stories to skip (an integer >= 0)."),
+        limit: str = Query("20", description=f"Page size (1..{cfg.page_size_max})."),
         state: StoryState | None = Query(None, description="Only stories in this state."),
     ):
-        return await svc().list(offset, limit, None if state is None else state.value)
+        return await svc().list(offset, limit, None if state is None else state.value, caller)
 
-    @app.get(f"{v1}/{{id}}", response_model=StoryStatus, dependencies=guarded, tags=["stories"],
+    @app.get(f"{v1}/{{id}}", response_model=StoryStatus, tags=["stories"],
              summary="A story's state and progress.", responses=_ERRORS)  # fmt: skip
-    async def story_status(story_id: str = id_p):
+    async def story_status(story_id: str = id_p, caller: Principal = Depends(who)):
         # The engine's dict is a StoryStatus already: skip re-validating it on the hot polling path.
-        return JSONResponse(await svc().polled_status(story_id))
+        return JSONResponse(await svc().polled_status(story_id, caller))
 
-    @app.delete(f"{v1}/{{id}}", response_model=StoryStatus, dependencies=guarded, tags=["stories"],
+    @app.delete(f"{v1}/{{id}}", response_model=StoryStatus, tags=["stories"],
                 summary="Cancel a story.", responses={**_ERRORS, 409: {"model": ErrorBody}})  # fmt: skip
-    async def cancel(story_id: str = id_p):
-        return await svc().cancel(story_id)
+    async def cancel(story_id: str = id_p, caller: Principal = Depends(who)):
+        return await svc().cancel(story_id, caller)
 
-    @app.post(f"{v1}/{{id}}/resume", status_code=202, response_model=StoryStatus, dependencies=guarded,
+    @app.post(f"{v1}/{{id}}/resume", status_code=202, response_model=StoryStatus,
               tags=["stories"], summary="Resume a failed or cancelled story.",
               responses={**_ERRORS, 409: {"model": ErrorBody}, 429: {"model": ErrorBody}})  # fmt: skip
-    async def resume(story_id: str = id_p):
-        return await svc().resume(story_id)
+    async def resume(story_id: str = id_p, caller: Principal = Depends(who)):
+        return await svc().resume(story_id, caller)
 
     @app.get(
         f"{v1}/{{id}}/events",
-        dependencies=guarded,
         tags=["stories"],
-        summary="Progress events as a server-sent event stream, ending after done/failed/cancelled.",
+        summary="Progress events as a server-sent event stream, ending after the story ends.",
         responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "`event: progress` "
-                   "lines carry ProgressEvent JSON with `id:` = seq; a final `event: status` when the log "
-                   "holds no terminal event."}},  # fmt: skip
+                   "lines carry ProgressEvent JSON with `id:` = seq; a resumed story's stream goes on into "
+                   "its new run; a final `event: status` when the log holds no terminal event."}},  # fmt: skip
     )
     async def events(
         request: Request,
         story_id: str = id_p,
-        after: int | None = Query(None, ge=0, description="Send events after this seq (Last-Event-ID wins)."),
+        caller: Principal = Depends(who),
+        after: str | None = Query(None, description="Send events after this seq (Last-Event-ID wins)."),
     ):
         service_ = svc()
-        start = after or 0
+        start = 0 if after is None else parse_count(after, "after")
         header = request.headers.get("last-event-id")
         if header is not None:
-            if not header.strip().isdigit():
-                raise InvalidRequest(422, [("Last-Event-ID", "must be a non-negative integer (an event seq)")])
-            start = int(header.strip())
-        first = StoryStatus.model_validate(await service_.status(story_id))  # 404 before the stream starts
+            start = parse_count(header, "Last-Event-ID")
+        first = StoryStatus.model_validate(await service_.status(story_id, caller))  # 404 before the stream starts
         keepalive = cfg.sse_keepalive_s
 
         async def stream():
-            last, ended = start, first.state.terminal
+            cursor, ended = EventCursor(start), first.state.terminal
             yield "retry: 2000\n\n"
             try:
                 while True:
-                    batch = await service_.events(story_id, last, 0.0 if ended else keepalive)
-                    for e in batch:
-                        last = max(last, int(e.get("seq", 0)))
+                    batch = await service_.events(story_id, cursor.last, 0.0 if ended else keepalive, caller)
+                    for e in cursor.feed(batch):
                         yield _sse("progress", json.dumps(e, separators=(",", ":")), e.get("seq"))
-                        if Phase(e["phase"]).terminal:
-                            return
+                    if cursor.ended:
+                        return
                     if batch:
                         continue
-                    status = await service_.status(story_id)
+                    status = await service_.status(story_id, caller)
                     if StoryState(status["state"]).terminal:
                         if ended:  # a second quiet round: the log holds no terminal event
                             yield _sse("status", json.dumps(status, separators=(",", ":")))
                             return
                         ended = True
                         continue
+                    ended = False
                     yield ": keep-alive\n\n"
             except StoryMemError as exc:
                 yield _sse("error", json.dumps({"detail": exc.detail()}))
@@ -593,49 +362,42 @@ def create_app(service: StoryService | None = None) -> FastAPI:
     def wants_bytes(request: Request, download: bool) -> bool:
         return download or "video/mp4" in request.headers.get("accept", "").lower()
 
-    async def video_response(story_id: str, shot: int | None, request: Request, download: bool, expires_s):
+    async def video_response(story_id: str, shot, request: Request, download: bool, expires_s, caller):
         service_ = svc()
         if wants_bytes(request, download):
-            data = await service_.video_bytes(story_id, shot)
-            name = f"{story_id}.mp4" if shot is None else f"{story_id}-shot-{shot:03d}.mp4"
-            return Response(data, media_type="video/mp4",
-                            headers={"Content-Disposition": f'attachment; filename="{name}"'})  # fmt: skip
-        return await service_.video_link(story_id, shot, expires_s)
+            chunks = await service_.video_stream(story_id, shot, caller)
+            name = f"{story_id}.mp4" if shot is None else f"{story_id}-shot-{int(shot):03d}.mp4"
+            return StreamingResponse(chunks, media_type="video/mp4",
+                                     headers={"Content-Disposition": f'attachment; filename="{name}"'})  # fmt: skip
+        return await service_.video_link(story_id, shot, expires_s, caller)
 
     video_responses = {
         **_ERRORS,
         409: {"model": ErrorBody, "description": "Not ready yet."},
-        200: {"model": VideoLink, "content": {"video/mp4": {}}, "description": "A link (JSON) or the MP4."},
+        200: {"model": VideoLink, "content": {"video/mp4": {}}, "description": "A link (JSON) or the MP4 (streamed)."},
     }
     download_q = Query(False, description="Send the MP4 bytes instead of a presigned link.")
-    expires_q = Query(None, ge=60, le=7 * 24 * 3600, description="Lifetime of the link in seconds.")
+    expires_q = Query(None, description="Lifetime of the link in seconds (60..storage.presign_expiry_s).")
 
-    @app.get(f"{v1}/{{id}}/video", dependencies=guarded, tags=["videos"], responses=video_responses,
+    @app.get(f"{v1}/{{id}}/video", tags=["videos"], responses=video_responses,
              summary="The final video: a presigned link, or the bytes.")  # fmt: skip
-    async def video(
-        request: Request, story_id: str = id_p, download: bool = download_q, expires_s: int | None = expires_q
-    ):
-        return await video_response(story_id, None, request, download, expires_s)
+    async def video(request: Request, story_id: str = id_p, caller: Principal = Depends(who),
+                    download: bool = download_q, expires_s: str | None = expires_q):  # fmt: skip
+        return await video_response(story_id, None, request, download, expires_s, caller)
 
-    @app.get(f"{v1}/{{id}}/shots/{{k}}", dependencies=guarded, tags=["videos"], responses=video_responses,
+    @app.get(f"{v1}/{{id}}/shots/{{k}}", tags=["videos"], responses=video_responses,
              summary="Shot k (0-based) once committed: a presigned link, or the bytes.")  # fmt: skip
-    async def shot_video(
-        request: Request,
-        story_id: str = id_p,
-        k: int = k_p,
-        download: bool = download_q,
-        expires_s: int | None = expires_q,
-    ):
-        if k < 0:
-            raise InvalidRequest(422, [("k", "must be an integer >= 0")])
-        return await video_response(story_id, k, request, download, expires_s)
+    async def shot_video(request: Request, story_id: str = id_p, k: str = k_p, caller: Principal = Depends(who),
+                         download: bool = download_q, expires_s: str | None = expires_q):  # fmt: skip
+        return await video_response(story_id, parse_count(k, "k"), request, download, expires_s, caller)
 
-    @app.get(f"{v1}/{{id}}/memory", response_model=MemoryReport, dependencies=guarded, tags=["stories"],
+    @app.get(f"{v1}/{{id}}/memory", response_model=MemoryReport, tags=["stories"],
              summary="Keyframes in memory for each committed shot, with presigned image links.",
              responses=_ERRORS)  # fmt: skip
-    async def memory(story_id: str = id_p, expires_s: int | None = expires_q):
-        return await svc().memory(story_id, expires_s)
+    async def memory(story_id: str = id_p, caller: Principal = Depends(who), expires_s: str | None = expires_q):
+        return await svc().memory(story_id, expires_s, caller)
 
+    # Pages served at / (e.g. a storyboard) are added here, after the API routes.
     _document_request_body(app, v1)
     return app
 
@@ -663,44 +425,34 @@ def _document_request_body(app: FastAPI, path: str) -> None:
 # ---------------------------------------------------------------------------------------- Serve
 
 
-@serve.deployment(name="StoryMemIngress")
-@serve.ingress()
-class StoryMemIngress:
+def _handle_method(name: str):
+    async def method(self, *args):
+        return await getattr(self.service, name)(*args)
+
+    method.__name__ = name
+    method.__doc__ = f"StoryService.{name} for in-cluster callers (actors.client.EngineClient), as the admin."
+    return method
+
+
+class _Ingress:
     """The HTTP ingress. Its app is built once the replica holds the engine handle and the store
-    (Serve's late-bound ingress); the methods below serve `EngineClient` over a deployment handle."""
+    (Serve's late-bound ingress); its handle methods, FACADE_METHODS, serve `EngineClient`."""
 
     def __init__(self, cfg: StoryMemConfig):
-        self.service = StoryService.connect(cfg)
+        self.service = connect(cfg)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.service)
 
-    async def submit(self, body: dict) -> dict:
-        return await self.service.submit(body)
+    async def submit(self, body: dict, idempotency_key: str | None = None) -> dict:
+        return await self.service.submit(body, ADMIN, idempotency_key)
 
-    async def status(self, story_id: str) -> dict:
-        return await self.service.status(story_id)
 
-    async def events(self, story_id: str, after: int = 0, timeout: float = 0.0) -> list[dict]:
-        return await self.service.events(story_id, after, timeout)
+for _name in FACADE_METHODS:
+    if _name not in _Ingress.__dict__:
+        setattr(_Ingress, _name, _handle_method(_name))
 
-    async def cancel(self, story_id: str) -> dict:
-        return await self.service.cancel(story_id)
-
-    async def resume(self, story_id: str) -> dict:
-        return await self.service.resume(story_id)
-
-    async def list(self, offset: int = 0, limit: int = 20, state: str | None = None) -> dict:
-        return await self.service.list(offset, limit, state)
-
-    async def memory(self, story_id: str) -> dict:
-        return await self.service.memory(story_id)
-
-    async def health(self) -> dict:
-        return await self.service.health()
-
-    async def video_bytes(self, story_id: str, shot: int | None = None) -> bytes:
-        return await self.service.video_bytes(story_id, shot)
+StoryMemIngress = serve.deployment(name="StoryMemIngress")(serve.ingress()(_Ingress))
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -745,7 +497,7 @@ def build_app(args: dict | None = None):
 
 def ingress_app(cfg: StoryMemConfig):
     """The Serve application for a resolved config: replicas, concurrency and CPUs from cfg.service."""
-    check_security(cfg.service)
+    check_deployment(cfg)
     s = cfg.service
     return StoryMemIngress.options(
         num_replicas=s.ingress_replicas,

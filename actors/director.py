@@ -51,13 +51,33 @@ _POLL_S = 0.25
 class PooledGenerator:
     """A ShotGenerator over the generator pool: lease, stream the shot, release; retry on death."""
 
-    def __init__(self, pool, story: str, max_attempts: int, is_cancelled):
+    def __init__(self, pool, story: str, max_attempts: int, is_cancelled, tenant: str | None = None,
+                 step_timeout_s: float = 900.0):  # fmt: skip
         self.pool = pool
         self.story = story
+        self.tenant = tenant
         self.max_attempts = max_attempts
         self.is_cancelled = is_cancelled
+        self.step_timeout_s = step_timeout_s
         self._lock = threading.Lock()
         self._current: tuple[object, str] | None = None  # (generator handle, token)
+        self._progress = time.monotonic()  # the last step (or the start) of the shot in flight
+        threading.Thread(target=self._watch, name=f"watchdog-{story}", daemon=True).start()
+
+    def _watch(self) -> None:
+        """Kill a generator that reports no step for step_timeout_s; the shot is retried elsewhere."""
+        while True:
+            time.sleep(min(1.0, self.step_timeout_s / 4))
+            with self._lock:
+                current, since = self._current, self._progress
+            if current is not None and time.monotonic() - since > self.step_timeout_s:
+                log.warning("story %s: generator silent for %.0f s; killing it", self.story, time.monotonic() - since)
+                with self._lock:
+                    self._progress = time.monotonic()
+                try:
+                    ray.kill(current[0], no_restart=True)
+                except Exception:  # already gone
+                    pass
 
     def cancel(self) -> None:
         """Stop the shot in flight at its next denoising step."""
@@ -67,11 +87,14 @@ class PooledGenerator:
             current[0].cancel.remote(token=current[1])
 
     def _acquire(self, index: int) -> dict:
-        ref = self.pool.acquire.remote(self.story, index)
+        ref = self.pool.acquire.remote(self.story, index, self.tenant)
         while True:
             ready, _ = ray.wait([ref], timeout=_POLL_S)
             if ready:
-                lease = get(ref)
+                try:
+                    lease = get(ref)
+                except ACTOR_LOST as e:  # the pool is being restarted: run again from the manifest
+                    raise StoryInterrupted(f"generator pool lost: {type(e).__name__}") from e
                 if lease is None:  # withdrawn: only a cancel or the engine does that
                     raise StoryCancelled("cancelled by request")
                 return lease
@@ -84,12 +107,15 @@ class PooledGenerator:
         queue_s = 0.0
         last: BaseException | None = None
         for attempt in range(1, self.max_attempts + 1):
+            if self.is_cancelled():  # e.g. the generator was killed past the cancel deadline
+                raise StoryCancelled("cancelled by request")
             t0 = time.perf_counter()
             lease = self._acquire(request.index)
             queue_s += time.perf_counter() - t0
             token = uuid.uuid4().hex
             with self._lock:
                 self._current = (lease["handle"], token)
+                self._progress = time.monotonic()
             failed = False
             try:
                 result = self._stream(lease["handle"], request_ref, token, step_callback)
@@ -115,6 +141,8 @@ class PooledGenerator:
             if isinstance(item, np.ndarray):
                 frames, frames_ref = item, ref
             elif "step" in item:
+                with self._lock:
+                    self._progress = time.monotonic()
                 if step_callback is not None:
                     try:
                         step_callback(item["step"], item["total"])
@@ -202,7 +230,8 @@ class StoryDirector:
         self._cancel = threading.Event()
         script = StoryScript.model_validate_json(script_json)
         settings = GenerationSettings.model_validate_json(settings_json)
-        self.generator = PooledGenerator(pool, story_id, cfg.engine.max_shot_attempts, self._cancel.is_set)
+        self.generator = PooledGenerator(pool, story_id, cfg.engine.max_shot_attempts, self._cancel.is_set,
+                                         tenant=owner, step_timeout_s=cfg.engine.step_timeout_s)  # fmt: skip
         start = zlib.crc32(story_id.encode())  # spreads stories over the scorers
         self.bank = BankProxy(bank, story_id)
         self.runner = ActorStoryRunner(
@@ -217,6 +246,7 @@ class StoryDirector:
             is_cancelled=self._cancel.is_set,
             model_name=model_name,
             owner=owner,
+            attempt_id=f"{attempt}-{uuid.uuid4().hex[:12]}",  # the fence: a later director's claim stops this one
             bank=self.bank,
             stitcher=stitcher,
             on_commit=self._committed,

@@ -122,6 +122,7 @@ class ShotGenerator:
         return {
             "name": self.name,
             "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
             "calls": self.calls,
             "busy_s": self.busy_s,
             "uptime_s": time.time() - self.started,
@@ -144,4 +145,7 @@ ShotGeneratorActor = ray.remote(concurrency_groups={"control": 4}, max_restarts=
 
 def generator_options(engine: EngineConfig) -> dict:
     """Ray options of a generator actor from the engine configuration."""
-    return {"num_cpus": engine.cpus_per_generator, "num_gpus": engine.gpus_per_generator}
+    options = {"num_cpus": engine.cpus_per_generator, "num_gpus": engine.gpus_per_generator}
+    if engine.generator_resources:
+        options["resources"] = dict(engine.generator_resources)
+    return options

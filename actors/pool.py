@@ -38,10 +38,12 @@ class _Slot:
     index: int
     handle: object = None
     generation: int = 0
+    spawned: int = 0  # generators started in this slot (names them)
     name: str = ""
     ready: bool = False
     broken: str | None = None  # the generator could not load its model
     pid: int | None = None
+    node: str | None = None  # the Ray node the generator runs on
     lease: tuple[str, int, float, float] | None = None  # (story, shot, since monotonic, since unix)
     idle_since: float = field(default_factory=time.monotonic)
     busy_s: float = 0.0
@@ -50,7 +52,9 @@ class _Slot:
     gang: object = None  # the placement group when the generator is a gang of ranks
 
 
-@ray.remote(max_restarts=0)
+# Restarted by Ray when it dies, calls in flight retried: its generators die with it (they are its
+# children) and come back with it; directors whose shot was lost retry it.
+@ray.remote(max_restarts=-1, max_task_retries=-1)
 class GeneratorPool:
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, speed: SpeedConfig | None = None,
                  parallel: ParallelConfig | None = None):
@@ -58,8 +62,13 @@ class GeneratorPool:
         self.cfg = engine_cfg
         self.speed = speed
         self.parallel = parallel or ParallelConfig()  # world_size > 1: each slot is a gang (actors/gang.py)
-        self.slots = [_Slot(i) for i in range(engine_cfg.num_generators)]
-        self.waiters: deque[tuple[str, int, asyncio.Future]] = deque()
+        # Generation numbers start from the clock, so that a restarted pool never takes a release
+        # meant for a generator of the pool before it as one for its own.
+        epoch = int(time.time() * 1000) * 1000
+        self.slots = [_Slot(i, generation=epoch) for i in range(engine_cfg.num_generators)]
+        self.waiters: deque[tuple[str, int, asyncio.Future, str]] = deque()  # (story, shot, future, tenant)
+        self.served: dict[str, int] = {}  # tenant -> when it was last given a generator
+        self._tick = 0
         self.calls: Counter[str] = Counter()
         self.history: deque[tuple[int, str, int, float, float]] = deque(maxlen=HISTORY)
         self.started = time.time()
@@ -82,7 +91,8 @@ class GeneratorPool:
 
     def _spawn(self, slot: _Slot) -> None:
         slot.generation += 1
-        slot.name = f"gen-{slot.index}.{slot.generation}"
+        slot.spawned += 1
+        slot.name = f"gen-{slot.index}.{slot.spawned}"
         slot.ready, slot.pid, slot.lease = False, None, None
         threads = None if self.cfg.gpus_per_generator else max(1, int(self.cfg.cpus_per_generator))
         if self.parallel.world_size > 1:
@@ -104,14 +114,14 @@ class GeneratorPool:
                 self._fail_waiters_if_all_broken()
             return
         if slot.generation == generation:
-            slot.ready, slot.pid = True, info["pid"]
+            slot.ready, slot.pid, slot.node = True, info["pid"], info.get("node")
             self._dispatch()
 
     def _fail_waiters_if_all_broken(self) -> None:
         if all(s.broken for s in self.slots):
             reason = self.slots[0].broken
             while self.waiters:
-                _, _, fut = self.waiters.popleft()
+                _, _, fut, _ = self.waiters.popleft()
                 if not fut.done():
                     fut.set_exception(RuntimeError(f"no shot generator could start: {reason}"))
 
@@ -159,27 +169,32 @@ class GeneratorPool:
 
     def _dispatch(self) -> None:
         while self.waiters:
-            free = [s for s in self.slots if s.lease is None and not s.broken]
+            # Only generators that have loaded the model: a lease starts the director's step clock.
+            free = [s for s in self.slots if s.lease is None and not s.broken and s.ready]
             if not free:
                 return
-            story, shot, fut = self.waiters.popleft()
+            # Tenants in turn: the waiter whose tenant was served longest ago, first come among equals.
+            waiter = min(self.waiters, key=lambda w: self.served.get(w[3], -1))
+            self.waiters.remove(waiter)
+            story, shot, fut, tenant = waiter
             if fut.done():
                 continue
-            # Ready generators first (a replacement may still be loading), then the longest idle.
-            slot = min(free, key=lambda s: (not s.ready, s.idle_since))
+            self._tick += 1
+            self.served[tenant] = self._tick
+            slot = min(free, key=lambda s: s.idle_since)  # the longest idle
             slot.lease = (story, shot, time.monotonic(), time.time())
             slot.leases += 1
             self.calls[f"{story}/{shot}"] += 1
             fut.set_result({"slot": slot.index, "generation": slot.generation, "name": slot.name, "handle": slot.handle})
 
-    async def acquire(self, story: str, shot: int) -> dict | None:
+    async def acquire(self, story: str, shot: int, tenant: str | None = None) -> dict | None:
         """Wait for a generator; returns {slot, generation, name, handle}, or None when the request
-        was withdrawn by `release_story`. FIFO across stories."""
+        was withdrawn by `release_story`. Tenants take turns; within a tenant, first come first served."""
         self._ensure_started()
         if all(s.broken for s in self.slots):
             raise RuntimeError(f"no shot generator could start: {self.slots[0].broken}")
         fut = asyncio.get_running_loop().create_future()
-        self.waiters.append((story, shot, fut))
+        self.waiters.append((story, shot, fut, tenant or ""))
         self._dispatch()
         await asyncio.wait([fut])
         return None if fut.cancelled() else fut.result()
@@ -195,6 +210,21 @@ class GeneratorPool:
         else:
             self._end_lease(s)
         self._dispatch()
+
+    async def kill_story(self, story: str) -> int:
+        """Kill and replace the generator making `story`'s shot (a cancel past its deadline)."""
+        killed = 0
+        for slot in self.slots:
+            if slot.lease is not None and slot.lease[0] == story:
+                self._replace(slot)
+                killed += 1
+        self._dispatch()
+        return killed
+
+    async def pid(self) -> int:
+        import os
+
+        return os.getpid()
 
     async def release_story(self, story: str) -> int:
         """Forget a story whose director died: drop its waiting request, stop and free its generator."""
@@ -249,6 +279,7 @@ class GeneratorPool:
                     "slot": s.index,
                     "name": s.name,
                     "pid": s.pid,
+                    "node": s.node,
                     "ready": s.ready,
                     "broken": s.broken,
                     "lease": None if s.lease is None else {"story": s.lease[0], "shot": s.lease[1]},

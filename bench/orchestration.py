@@ -114,7 +114,10 @@ def run(n_stories: int, n_generators: int, n_shots: int) -> dict:
                 time.sleep(0.2)
             results["engine_start_s"] = time.perf_counter() - t0
             store = S3Store(cfg.storage)
-            stories = _stories(max(n_stories, 1), n_shots)
+            from storymem.service.intake import normalise
+
+            profile = ray.get(engine.profile.remote())  # the engine takes requests validated at the edge
+            stories = [normalise(st, profile=profile) for st in _stories(max(n_stories, 1), n_shots)]
 
             # 1. One story alone (after one warm-up story, so first-call costs are not counted).
             _wait(engine, [ray.get(engine.submit.remote(stories[0]))["id"]])

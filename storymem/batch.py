@@ -1,10 +1,12 @@
 """Run a folder or an S3 prefix of story scripts through the engine and tabulate the results.
 
-    python -m storymem.batch ../shared/st-bench --out results.parquet --settings '{"num_inference_steps": 20}'
-    ray job submit -- python -m storymem.batch s3://storymem/st-bench/ --out s3://storymem/results/st-bench.parquet
+    python -m storymem.batch ../shared/st-bench --out results.parquet --url http://127.0.0.1:8000
+    ray job submit -- python -m actors.batch s3://storymem/st-bench/ --out s3://storymem/results/st-bench.parquet
 
-Joins the running Ray cluster (`ray.init(address="auto")`, as inside `ray job submit`) and its
-engine; without a cluster it starts a local one and an engine in it. The Parquet table has one row
+`--url` runs against the HTTP API (token from STORYMEM_API_TOKEN); `python -m actors.batch` (the
+same options) joins the running Ray cluster and its engine instead, or starts a local one. Every
+submission carries an Idempotency-Key made from the table and the row, so a job that is run again
+after a crash (or retries a lost call) never makes a story twice. The Parquet table has one row
 per script: story name, script source, script and settings digests, story id, state, shots, mean
 seconds per shot, video key, error. Running again with the same table skips stories already done
 (matched by script digest and settings), follows the ones still running, resumes failed or
@@ -190,32 +192,6 @@ def write_batch_table(rows: list[Row], out: str, cfg: StoryMemConfig) -> None:
 # ---------------------------------------------------------------------------------------- engine
 
 
-def connect(cfg: StoryMemConfig, address: str | None = None):
-    """An EngineClient on the running cluster's engine; a local cluster and engine when there is none."""
-    import ray
-
-    from actors.api import get_engine
-
-    from .client import EngineClient
-
-    if not ray.is_initialized():
-        try:
-            ray.init(address=address or "auto", namespace=cfg.engine.namespace, logging_level=logging.WARNING)
-        except ConnectionError:
-            if address not in (None, "auto"):
-                raise
-            log.info("no running Ray cluster; starting a local one")
-            ray.init(namespace=cfg.engine.namespace, logging_level=logging.WARNING)
-    try:
-        handle = get_engine(cfg.engine.namespace)
-    except ValueError:
-        from actors import start_engine
-
-        log.info("no engine in the cluster; starting one")
-        handle = start_engine(cfg)
-    return EngineClient(handle)
-
-
 class _LazyClient:
     """Makes the client on first use."""
 
@@ -271,9 +247,10 @@ def run(
                 continue
             except (NotFound, Conflict):
                 pass  # the engine no longer knows it (or will not resume it): submit again
+        key = f"batch-{row.script_digest[:32]}-{row.settings_digest[:16]}"
         while True:
             try:
-                row.story_id = client.submit(row.body)
+                row.story_id = client.submit(row.body, idempotency_key=key)
                 break
             except QueueFull as exc:
                 time.sleep(retry_after(exc))
@@ -329,15 +306,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="Wait for every story to end (default); --no-wait submits and writes the table.",
     )
-    parser.add_argument("--address", default=None, help="Ray address (default: auto, else a local cluster).")
+    parser.add_argument("--url", default=os.environ.get("STORYMEM_URL"), help="The HTTP API (env STORYMEM_URL).")
+    parser.add_argument("--address", default=None, help="Ray address, with `python -m actors.batch` (default: auto).")
     parser.add_argument("--poll-s", type=float, default=2.0, help="Seconds between status polls.")
     parser.add_argument("--quiet", action="store_true", help="No progress bar.")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, connect=None) -> int:
+    """The batch job. `connect(cfg, address)` makes the client when no --url is given
+    (`actors.batch` passes the in-cluster one)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.url:
+        from .client import StoryMemClient
+
+        def connect(cfg, address, url=args.url):  # noqa: F811
+            return StoryMemClient(url)
+    elif connect is None:
+        parser.error("--url is required (or run `python -m actors.batch` inside a Ray cluster)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     cfg = load_config(args.config)

@@ -223,6 +223,11 @@ class EngineConfig(_Strict):
         0.0, ge=0, le=8, description="GPUs each generator reserves (1 on GPU clusters, 0 on CPU)."
     )
     cpus_per_generator: float = Field(1.0, ge=0, le=256, description="CPUs each generator reserves.")
+    generator_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each generator also reserves, to place generators on chosen nodes "
+        "(e.g. {\"gpu-node\": 1} with `ray start --resources`).",
+    )
     num_scorers: int = Field(1, ge=1, le=256, description="Scorer actors.")
     max_shot_attempts: int = Field(3, ge=1, le=20, description="Attempts per shot across generators.")
     max_queued_stories: int = Field(64, ge=1, le=100000, description="Stories waiting or running; more get 429.")
@@ -235,8 +240,48 @@ class EngineConfig(_Strict):
         "by one that resumes from the last committed shot, this many times in all.",
     )
     event_log_capacity: int = Field(2000, ge=10, le=1_000_000, description="Progress events kept per story.")
+    cancel_deadline_s: float = Field(
+        30.0, gt=0, le=3600, description="A cancel takes effect within this: past it, the generator making the "
+        "story's shot is killed and replaced (a denoising step can be long), then its director.",
+    )
+    step_timeout_s: float = Field(
+        900.0, gt=0, le=86400, description="A generator that reports no denoising step for this long is killed "
+        "and replaced, and the shot retried on another (hung kernels, stuck devices).",
+    )
     detached: bool = Field(
         False, description="Start the engine as a detached actor that outlives the process that started it."
+    )
+
+
+class ServiceLimits(_Strict):
+    """What one story may cost: checked at intake, refused with a 422 naming the field.
+
+    Cost is pixels x frames x steps x shots (width * height * num_frames * num_inference_steps *
+    shots), the quantity a shot's compute grows with; each factor is bounded on its own too.
+    Reference images are bounded by decoded pixels, read from the image header before decoding.
+    """
+
+    max_shots: int = Field(100, ge=1, le=100, description="Shots in one story.")
+    max_frame_pixels: int = Field(832 * 480, ge=1, description="width * height of a shot.")
+    max_frames: int = Field(81, ge=5, description="num_frames of a shot.")
+    max_steps: int = Field(50, ge=1, description="num_inference_steps of a shot.")
+    max_cost: int = Field(
+        832 * 480 * 81 * 50 * 30,
+        ge=1,
+        description="width * height * num_frames * num_inference_steps * shots of a story "
+        "(default: 30 paper-size shots of 50 steps).",
+    )
+    max_reference_pixels: int = Field(
+        4096 * 4096, ge=1, description="Decoded pixels (width * height) of one reference image."
+    )
+    max_reference_pixels_total: int = Field(
+        4 * 2048 * 2048, ge=1, description="Decoded pixels of all reference images of a story together."
+    )
+    max_queued_per_tenant: int = Field(
+        32, ge=1, description="Stories a tenant may have queued or running at once; more get 429."
+    )
+    max_running_per_tenant: int = Field(
+        8, ge=1, description="Stories of one tenant whose directors run at once; the others wait their turn."
     )
 
 
@@ -272,6 +317,13 @@ class ServiceConfig(_Strict):
         "(presigned URLs are signed for this host). None: storage.endpoint.",
     )
     public_s3_secure: bool = Field(False, description="Presigned URLs for public_s3_endpoint use HTTPS.")
+    limits: ServiceLimits = Field(default_factory=ServiceLimits, description="Per-story and per-tenant limits.")
+    api_keys: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="Tenants: tenant id -> API key (from a Kubernetes Secret: env STORYMEM_API_KEYS, JSON "
+        "{tenant: key}, or a file named by STORYMEM_API_KEYS_FILE). A key's stories are its tenant's; "
+        "api_token stays the admin key, which sees every story.",
+    )
     status_cache_s: float = Field(
         0.25,
         ge=0,
@@ -329,6 +381,16 @@ class StoryMemConfig(_Strict):
     def _token_from_env(cls, v: ServiceConfig) -> ServiceConfig:
         if v.api_token is None and os.environ.get("STORYMEM_API_TOKEN"):
             v.api_token = SecretStr(os.environ["STORYMEM_API_TOKEN"])
+        if not v.api_keys:
+            keys = os.environ.get("STORYMEM_API_KEYS")
+            path = os.environ.get("STORYMEM_API_KEYS_FILE")
+            if not keys and path:
+                keys = Path(path).read_text()
+            if keys:
+                data = json.loads(keys)
+                if not isinstance(data, dict):
+                    raise ValueError("STORYMEM_API_KEYS: expected a JSON object {tenant: key}")
+                v.api_keys = {str(t): SecretStr(str(k)) for t, k in data.items()}
         return v
 
 

@@ -7,39 +7,13 @@ from pathlib import Path
 
 from .config import StoryMemConfig
 from .pipeline import build_pipeline
-from .speed import check_settings
-from .progress import Phase, ProgressEvent
-from .scoring import Scorer
+from .progress import ProgressBars
 from .lora import configured_sets, supported_transitions
+from .scoring import Scorer
 from .script import StoryRequest, check_transition_supported
+from .speed import check_settings
 from .storage import LocalStore, StoryLayout
 from .story import Manifest, PipelineGenerator, StoryRunner
-
-
-class ProgressBars:
-    """Two tqdm bars fed by progress events: shots of the story and steps of the current shot."""
-
-    def __init__(self, shots_total: int, steps_total: int, done: int = 0):
-        from tqdm.auto import tqdm
-
-        self.shots = tqdm(total=shots_total, initial=done, desc="shots", unit="shot", position=0)
-        self.steps = tqdm(total=steps_total, desc="steps", unit="step", position=1, leave=False)
-
-    def __call__(self, e: ProgressEvent) -> None:
-        if e.phase == Phase.ENCODE:
-            self.steps.reset()
-            self.steps.set_description(f"shot {e.shot + 1}")
-        elif e.phase in (Phase.DENOISE, Phase.DECODE) and e.step is not None:
-            self.steps.n = e.step
-            self.steps.refresh()
-        elif e.phase == Phase.COMMIT:
-            self.shots.update(1)
-        elif e.phase.terminal or e.phase == Phase.STITCH:
-            self.steps.set_description(e.phase.value)
-
-    def close(self) -> None:
-        self.steps.close()
-        self.shots.close()
 
 
 def folder_story_id(script_name: str | None) -> str:

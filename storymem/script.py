@@ -304,16 +304,24 @@ def check_transition_supported(settings: GenerationSettings, supported) -> None:
 # Reference images
 
 
-def _decode_image(raw: bytes) -> Image.Image:
+def probe_image(raw: bytes) -> Image.Image:
+    """The image opened lazily: format and size from the header, no pixel decoded yet."""
     try:
         img = Image.open(io.BytesIO(raw))
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"not a {' or '.join(IMAGE_FORMATS)} image ({exc.__class__.__name__})") from None
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"image too large to decode ({exc})") from None
     if img.format not in IMAGE_FORMATS:
         raise ValueError(f"image format {img.format} is not accepted; use {' or '.join(IMAGE_FORMATS)}")
     # Checked from the header, before any pixel is decoded, so a small file cannot expand to gigabytes.
     if max(img.size) > MAX_IMAGE_SIDE:
         raise ValueError(f"image of {img.size[0]}x{img.size[1]} exceeds {MAX_IMAGE_SIDE} pixels a side")
+    return img
+
+
+def _decode_image(raw: bytes) -> Image.Image:
+    img = probe_image(raw)
     try:
         img.load()
     except (OSError, SyntaxError, ValueError) as exc:
@@ -349,8 +357,8 @@ class ImageRef(BaseModel):
     @field_validator("data")
     @classmethod
     def _data_is_image(cls, v: str | None) -> str | None:
-        if v is not None:
-            _decode_image(_b64_bytes(v))
+        if v is not None:  # the header only: pixels are decoded once, where the image is used
+            probe_image(_b64_bytes(v))
         return v
 
     @model_validator(mode="after")
@@ -364,6 +372,10 @@ class ImageRef(BaseModel):
             return None
         p = Path(self.path).expanduser()
         return p if p.is_absolute() or base_dir is None else Path(base_dir) / p
+
+    def size(self) -> tuple[int, int]:
+        """(width, height) from the image header of `data`, without decoding pixels."""
+        return probe_image(_b64_bytes(self.data)).size
 
     def load(self, base_dir: str | os.PathLike | None = None) -> np.ndarray:
         """The image as (H, W, 3) uint8 RGB."""

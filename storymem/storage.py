@@ -8,6 +8,7 @@ once the manifest lists it, so writers put the object first and the manifest las
 from __future__ import annotations
 
 import builtins
+import hashlib
 import http.client
 import io
 import logging
@@ -43,6 +44,16 @@ class StorageUnavailable(StorageError):
 
 class StorageAccessDenied(StorageError):
     """The store rejected the credentials or the permission for this call."""
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write found the object changed (If-Match) or present (If-None-Match: *):
+    another writer got there first."""
+
+
+def content_etag(data: bytes) -> str:
+    """The ETag S3 servers give a single-part object: the quoted MD5 of its bytes."""
+    return '"' + hashlib.md5(data).hexdigest() + '"'
 
 
 def validate_key(key: str, field: str = "key") -> str:
@@ -192,6 +203,21 @@ class LocalStore:
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def stream(self, key: str, chunk: int = 1 << 20):
+        """The object's bytes in chunks (KeyError now when missing), for downloads that must not
+        hold a whole video in memory."""
+        try:
+            f = open(self._path(key), "rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise KeyError(key) from None
+
+        def chunks():
+            with f:
+                while block := f.read(chunk):
+                    yield block
+
+        return chunks()
+
     def list(self, prefix: str) -> builtins.list[str]:
         validate_prefix(prefix)
         # Walk only the folder that holds every candidate: the prefix up to its last '/'.
@@ -207,6 +233,35 @@ class LocalStore:
             dirnames[:] = [d for d in dirnames if _overlaps(rel + d + "/", prefix)]
             keys.extend(rel + n for n in filenames if not n.startswith(_TMP_MARK) and (rel + n).startswith(prefix))
         return sorted(keys)
+
+    _cas_lock = threading.Lock()
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """The object's bytes and ETag; KeyError when missing."""
+        data = self.get_bytes(key)
+        return data, content_etag(data)
+
+    def put_if(self, key: str, data: bytes, content_type: str = "application/octet-stream", match: str | None = None) -> str:
+        """Write only if the object's ETag is `match` (None: only if it does not exist); the new
+        ETag. PreconditionFailed otherwise. Atomic within this process."""
+        data = _check_data(data)
+        with self._cas_lock:
+            try:
+                current = content_etag(self.get_bytes(key))
+            except KeyError:
+                current = None
+            if current != match:
+                raise PreconditionFailed(f"{key}: changed by another writer")
+            self.put_bytes(key, data, content_type)
+        return content_etag(data)
+
+    def list_children(self, prefix: str) -> builtins.list[str]:
+        """Names of the folders directly under `prefix` (a folder ending with '/'): one level only."""
+        validate_prefix(prefix)
+        base = self.root.joinpath(*prefix.rstrip("/").split("/")) if prefix else self.root
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(_TMP_MARK))
 
     def delete_prefix(self, prefix: str) -> None:
         _check_delete_prefix(prefix)
@@ -305,6 +360,7 @@ class S3Store:
             region=cfg.region,
             http_client=http,
         )
+        self._http = http
         self._bucket_ready = False
         self._lock = threading.Lock()
 
@@ -440,6 +496,79 @@ class S3Store:
         except _Missing:
             raise KeyError(key) from None
 
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """The object's bytes and ETag; KeyError when missing."""
+        validate_key(key)
+
+        def get() -> tuple[bytes, str]:
+            response = self._client.get_object(self.bucket, key)
+            try:
+                return response.read(), response.headers.get("ETag", "")
+            finally:
+                response.close()
+                response.release_conn()
+
+        try:
+            return self._call(f"get {key!r}", get)
+        except _Missing:
+            raise KeyError(key) from None
+
+    def put_if(self, key: str, data: bytes, content_type: str = "application/octet-stream", match: str | None = None) -> str:
+        """A conditional PUT: only if the object's ETag is `match` (If-Match), or with match None
+        only if it does not exist (If-None-Match: *). Returns the new ETag; PreconditionFailed when
+        another writer changed the object. The minio SDK sends no such header, so the PUT goes to a
+        presigned URL with the header added (S3, MinIO and SeaweedFS honour both)."""
+        from datetime import timedelta
+
+        validate_key(key)
+        data = _check_data(data)
+        ours = content_etag(data)
+        headers = {"Content-Type": content_type, **({"If-Match": match} if match else {"If-None-Match": "*"})}
+        tried = False
+
+        def put() -> str:
+            nonlocal tried
+            url = self._client.presigned_put_object(self.bucket, key, expires=timedelta(minutes=15))
+            first, tried = not tried, True
+            response = self._http.request("PUT", url, body=data, headers=headers)
+            if response.status == 412:
+                if not first:  # a retry after a lost answer: was the lost write ours?
+                    try:
+                        if self.get_versioned(key)[1] == ours:
+                            return ours
+                    except KeyError:
+                        pass
+                raise PreconditionFailed(f"S3 put {key!r}: changed by another writer (HTTP 412)")
+            if response.status == 404:
+                raise _Missing(f"NoSuchBucket (HTTP 404)")
+            if response.status >= 500 or response.status == 429:
+                raise ConnectionError(f"HTTP {response.status}")
+            if response.status in (401, 403):
+                raise StorageAccessDenied(f"S3 put {key!r} at {self.cfg.endpoint} was denied (HTTP {response.status})")
+            if response.status >= 300:
+                raise StorageError(f"S3 put {key!r} at {self.cfg.endpoint} failed: HTTP {response.status}")
+            return response.headers.get("ETag", ours)
+
+        return self._mutating(f"conditional put {key!r}", put)
+
+    def stream(self, key: str, chunk: int = 1 << 20):
+        """The object's bytes in chunks (KeyError now when missing; the request is retried until the
+        first byte), for downloads that must not hold a whole video in memory."""
+        validate_key(key)
+        try:
+            response = self._call(f"get {key!r}", lambda: self._client.get_object(self.bucket, key))
+        except _Missing:
+            raise KeyError(key) from None
+
+        def chunks():
+            try:
+                yield from response.stream(chunk)
+            finally:
+                response.close()
+                response.release_conn()
+
+        return chunks()
+
     def exists(self, key: str) -> bool:
         validate_key(key)
         try:
@@ -454,6 +583,20 @@ class S3Store:
         def names() -> builtins.list[str]:
             objects = self._client.list_objects(self.bucket, prefix=prefix or None, recursive=True)
             return [o.object_name for o in objects if not o.is_dir]
+
+        try:
+            return sorted(self._call(f"list {prefix!r}", names))
+        except _Missing:
+            return []
+
+    def list_children(self, prefix: str) -> builtins.list[str]:
+        """Names of the folders directly under `prefix` (ending with '/'): a delimiter listing, so
+        a bucket of many stories costs one entry per story, not one per object."""
+        validate_prefix(prefix)
+
+        def names() -> builtins.list[str]:
+            objects = self._client.list_objects(self.bucket, prefix=prefix or None, recursive=False)
+            return [o.object_name[len(prefix) :].rstrip("/") for o in objects if o.is_dir]
 
         try:
             return sorted(self._call(f"list {prefix!r}", names))
@@ -524,7 +667,8 @@ class S3Store:
             raise KeyError(key) from None
 
 
-STORY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# \Z, not $: `$` also matches before a trailing newline, which would let "id\n" through.
+STORY_ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 
 _id_lock = threading.Lock()
 _last_id_ms = 0

@@ -27,8 +27,9 @@ from .config import MemoryConfig
 from .memory import MemoryBank
 from .progress import EventSink, Phase, ProgressEvent
 from .script import WAN_NEGATIVE_PROMPT_EN, GenerationSettings, StoryScript, TransitionMode
+from .service.contract import StoryState
 from .stitch import encode_video, overlap_frames, read_video, stitch_videos
-from .storage import ArtifactStore, StorageUnavailable, StoryLayout
+from .storage import ArtifactStore, PreconditionFailed, StorageUnavailable, StoryLayout
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,11 @@ _V1_SETTINGS = {"memory_mask": "sink_window", "sigma_schedule": "diffusers", "si
 
 class StoryCancelled(Exception):
     """Raised inside a shot (between denoising steps) when the story was cancelled."""
+
+
+class StoryFenced(Exception):
+    """Another run of the story claimed its manifest (a conditional write found it changed): this
+    runner is stale and must stop without writing anything more."""
 
 
 class StoryInterrupted(Exception):
@@ -188,11 +194,15 @@ class Manifest(BaseModel):
     story_id: str
     story_name: str | None = None
     script_sha256: str
-    state: str = "running"
+    state: StoryState = StoryState.RUNNING
     shots_total: int
     settings: dict
     model: str = ""
-    owner: str | None = None
+    owner: str | None = Field(None, description="The tenant the story belongs to.")
+    idempotency_key: str | None = Field(None, description="The submission's Idempotency-Key, when it had one.")
+    request_sha256: str | None = Field(None, description="Digest of the submitted body (Idempotency-Key checks).")
+    run: int = Field(0, description="The story's run that last wrote this manifest.")
+    attempt: str | None = Field(None, description="Id of the director run that owns the story (the fence).")
     shots: list[ShotRecord] = Field(default_factory=list)
     final: str | None = None
     final_frames: int | None = None
@@ -219,6 +229,29 @@ def read_manifest(store: ArtifactStore, layout: StoryLayout) -> Manifest | None:
         return Manifest.model_validate_json(store.get_bytes(layout.manifest))
     except KeyError:
         return None
+
+
+def read_manifest_versioned(store: ArtifactStore, layout: StoryLayout) -> tuple[Manifest | None, str | None]:
+    """The manifest and its ETag (None for stores without conditional writes)."""
+    getter = getattr(store, "get_versioned", None)
+    if getter is None:
+        return read_manifest(store, layout), None
+    try:
+        data, etag = getter(layout.manifest)
+    except KeyError:
+        return None, None
+    return Manifest.model_validate_json(data), etag
+
+
+def write_manifest(store: ArtifactStore, layout: StoryLayout, manifest: Manifest, match: str | None) -> str | None:
+    """Commit the manifest, fenced: only over the version `match` (None: only when there is none)
+    on stores with conditional writes; the new ETag. PreconditionFailed when another writer won."""
+    data = manifest.model_dump_json(indent=2).encode()
+    put_if = getattr(store, "put_if", None)
+    if put_if is None:
+        store.put_bytes(layout.manifest, data, "application/json")
+        return None
+    return put_if(layout.manifest, data, "application/json", match)
 
 
 # Modes by their `storymem.m2v.ShotMode` values: this module is imported by every Ray director and
@@ -268,7 +301,12 @@ class StoryRunner:
         model_name: str = "",
         reference_base_dir=None,
         owner: str | None = None,
+        attempt_id: str | None = None,
     ):
+        import uuid
+
+        self.attempt_id = attempt_id or uuid.uuid4().hex
+        self._etag: str | None = None
         self.store = store
         self.layout = layout
         self.script = script
@@ -306,7 +344,7 @@ class StoryRunner:
     def open(self) -> Manifest:
         """The story's manifest: the stored one (after checking it is this story) or a new one."""
         digest = script_digest(self.script)
-        manifest = read_manifest(self.store, self.layout)
+        manifest, self._etag = read_manifest_versioned(self.store, self.layout)
         if manifest is not None:
             if manifest.script_sha256 != digest:
                 raise ValueError(
@@ -340,8 +378,23 @@ class StoryRunner:
         return manifest
 
     def _save(self, manifest: Manifest) -> None:
+        """Commit the manifest over the version this runner last read or wrote: a runner whose
+        story another run has claimed since gets StoryFenced and writes nothing more."""
         manifest.updated = time.time()
-        self.store.put_bytes(self.layout.manifest, manifest.model_dump_json(indent=2).encode(), "application/json")
+        manifest.attempt = self.attempt_id
+        try:
+            self._etag = write_manifest(self.store, self.layout, manifest, self._etag)
+        except PreconditionFailed as e:
+            raise StoryFenced(f"{self.layout.story_id}: another run owns the story ({e})") from None
+
+    def _check_fence(self) -> None:
+        """Before writing a shot's objects: stop if another run has claimed the story since (the
+        commit is fenced anyway; this keeps a stale run from overwriting committed objects)."""
+        if self._etag is None or getattr(self.store, "get_versioned", None) is None:
+            return
+        _, etag = read_manifest_versioned(self.store, self.layout)
+        if etag != self._etag:
+            raise StoryFenced(f"{self.layout.story_id}: another run owns the story")
 
     def _initial_bank(self) -> MemoryBank:
         bank = MemoryBank(max_size=self.settings.max_memory_size, fix=self.settings.fix)
@@ -361,9 +414,9 @@ class StoryRunner:
         """Make every unfinished shot, then stitch. Returns the manifest (state done or cancelled);
         on any other error the manifest is marked failed with the reason and the error re-raised."""
         manifest = self.open()
-        if manifest.state == "done" and manifest.final is not None:
+        if manifest.state == StoryState.DONE and manifest.final is not None:
             return manifest
-        manifest.state, manifest.error = "running", None
+        manifest.state, manifest.error = StoryState.RUNNING, None
         self._save(manifest)
         self.emit(Phase.START, shot=manifest.shots_done)
         try:
@@ -373,21 +426,21 @@ class StoryRunner:
                 self.make_shot(k, bank, manifest)
             self._check_cancel()
             self.stitch(manifest)
-        except StoryInterrupted:
+        except (StoryInterrupted, StoryFenced):
             raise
         except StoryCancelled as e:
-            manifest.state, manifest.error = "cancelled", str(e)
+            manifest.state, manifest.error = StoryState.CANCELLED, str(e)
             self._save_quietly(manifest)
             self.emit(Phase.CANCELLED, message=str(e))
             return manifest
         except Exception as e:
-            manifest.state, manifest.error = "failed", f"{type(e).__name__}: {e}"
+            manifest.state, manifest.error = StoryState.FAILED, f"{type(e).__name__}: {e}"
             # Storage that just failed every retry would make the report wait another full round.
             if not isinstance(e, StorageUnavailable):
                 self._save_quietly(manifest)
             self.emit(Phase.FAILED, message=manifest.error)
             raise
-        manifest.state = "done"
+        manifest.state = StoryState.DONE
         self._save(manifest)
         self.emit(Phase.DONE, shot=self.script.num_shots - 1)
         return manifest
@@ -456,6 +509,7 @@ class StoryRunner:
 
         self.emit(Phase.COMMIT, shot=k, step=steps_total)
         t0 = time.perf_counter()
+        self._check_fence()
         L = self.layout
         drop = 0 if k == 0 else overlap_frames(shot.cut, self.settings.transition)
         # An IDR frame where the stitched part of the shot begins lets stitching copy packets.

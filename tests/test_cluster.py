@@ -178,7 +178,10 @@ def test_rayjob_entrypoint_is_a_valid_batch_command(manifests):
 
     job = _one(manifests["rayjob-batch.yaml"], "RayJob")
     argv = job["spec"]["entrypoint"].split()
-    assert argv[:3] == ["python", "-m", "storymem.batch"]
+    assert argv[:3] == ["python", "-m", "actors.batch"]
+    import actors.batch
+
+    assert callable(actors.batch.main)  # the in-cluster entry over storymem.batch's options
     args = batch.build_parser().parse_args(argv[3:])
     assert args.scripts.startswith("s3://") and args.out.startswith("s3://") and args.out.endswith(".parquet")
     bucket = args.out[len("s3://") :].split("/")[0]
@@ -199,7 +202,7 @@ def test_dockerfile_installs_the_package_and_its_entry_points():
     assert re.search(r"pip install .*torch==2\.14\.1 torchvision==0\.29\.1", text)
     assert "torch==2.14.1" in pyproject and "torchvision==0.29.1" in pyproject
     assert re.search(r"pip install --no-cache-dir \.", text)
-    assert "import serve_app, storymem.batch, actors" in text
+    assert "import serve_app, storymem.batch, actors.batch" in text
 
 
 def test_readme_names_the_files_and_the_values_to_set():
@@ -208,3 +211,70 @@ def test_readme_names_the_files_and_the_values_to_set():
                  "i2v_path", "t2v_path", "lora_release", "Wan2.2-MI2V-A14B", "Wan2.2-MM2V-A14B", "STORYMEM_API_TOKEN",
                  "make serve", "make stop", "ray job submit"):  # fmt: skip
         assert word in readme, word
+
+
+# ---------------------------------------------------------------------------------------- not open
+
+
+def _containers(cluster_spec: dict):
+    for name, spec in _pod_specs(cluster_spec).items():
+        for container in spec["containers"]:
+            yield name, container
+
+
+def _pod_labels(cluster_spec: dict) -> list[dict]:
+    groups = [cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]]
+    return [g["template"].get("metadata", {}).get("labels", {}) for g in groups]
+
+
+@pytest.mark.parametrize("source,kind,spec_key", [("rayservice.yaml", "RayService", "rayClusterConfig"),
+                                                  ("rayjob-batch.yaml", "RayJob", "rayClusterSpec")])  # fmt: skip
+def test_ray_pods_use_token_auth_from_a_secret_and_sit_behind_the_network_policy(manifests, source, kind, spec_key):
+    cluster_spec = _one(manifests[source], kind)["spec"][spec_key]
+    for name, container in _containers(cluster_spec):
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", (source, name)
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "storymem-ray", (source, name)
+        for e in container["env"]:  # every secret comes from a Secret, never a literal value
+            if any(word in e["name"] for word in ("TOKEN", "KEY", "PASSWORD")) and e["name"] != "RAY_AUTH_MODE":
+                assert "valueFrom" in e and "value" not in e, (source, name, e["name"])
+        ports = {p["containerPort"] for p in container.get("ports", [])}
+        assert 10001 not in ports  # no Ray Client port
+    policy = _one(manifests["rayservice.yaml"], "NetworkPolicy", "storymem-ray")["spec"]
+    selector = policy["podSelector"]["matchLabels"]
+    for labels in _pod_labels(cluster_spec):
+        assert selector.items() <= labels.items(), (source, labels)
+    # Ray's ports only from StoryMem pods or the operator; from anywhere only the API port.
+    open_rules = [r for r in policy["ingress"] if "from" not in r]
+    assert [p["port"] for r in open_rules for p in r["ports"]] == [8000]
+    assert all("ports" not in r for r in policy["ingress"] if "from" in r)
+
+
+def test_gcs_fault_tolerance_uses_the_redis_the_manifests_define(manifests):
+    redis = _docs("redis.yaml")
+    spec = _one(manifests["rayservice.yaml"], "RayService")["spec"]["rayClusterConfig"]
+    ft = spec["gcsFaultToleranceOptions"]
+    host, _, port = ft["redisAddress"].partition(":")
+    service = _one(redis, "Service", host)
+    assert int(port) in {p["port"] for p in service["spec"]["ports"]}
+    ref = ft["redisPassword"]["valueFrom"]["secretKeyRef"]
+    assert ref["key"] in _one(redis, "Secret", ref["name"])["stringData"]
+    deployment = _one(redis, "Deployment", "redis")
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_the_service_refuses_every_sample_secret_of_the_manifests(manifests):
+    from storymem.config import ServiceConfig, StorageConfig, StoryMemConfig
+    from storymem.service.facade import check_deployment, check_security
+
+    secrets = [d for docs in [*manifests.values(), _docs("redis.yaml")] for d in docs if d["kind"] == "Secret"]
+    values = [v for d in secrets for v in d.get("stringData", {}).values() if len(v) >= 16]
+    assert len(values) >= 4  # api token, ray token, minio key, redis password
+    for value in values:
+        with pytest.raises(ValueError, match="sample"):
+            check_security(ServiceConfig(api_token=value))
+    minio = _one(manifests["minio.yaml"], "Secret")["stringData"]
+    cfg = StoryMemConfig(storage=StorageConfig(access_key=minio["access-key"], secret_key=minio["secret-key"]),
+                         service=ServiceConfig(api_token="x" * 32))  # fmt: skip
+    with pytest.raises(ValueError, match="storage.secret_key"):
+        check_deployment(cfg)

@@ -222,11 +222,20 @@ def test_image_over_size_limit():
     assert "MiB" in dict(info.value.errors)["reference_images.0.data"]
 
 
-def test_truncated_png_rejected():
+def test_truncated_png_rejected_where_it_is_decoded():
+    # Validation reads the header only; the pixels are decoded once, where the image is used (the
+    # service's intake, the runner), and a truncated file fails there with the field named.
+    from storymem.service.contract import InvalidRequest
+    from storymem.service.intake import normalise
+
     raw = base64.b64decode(_png_b64(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)))
     cut = base64.b64encode(raw[: len(raw) // 2]).decode()
-    with pytest.raises(ValidationError):
-        ImageRef(data=cut)
+    ref = ImageRef(data=cut)
+    with pytest.raises(ValueError, match="corrupt PNG"):
+        ref.load()
+    with pytest.raises(InvalidRequest) as err:
+        normalise({"shots": [{"prompt": "a"}], "reference_images": [{"data": cut}]})
+    assert err.value.errors[0][0] == "reference_images.0.data"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -52,6 +52,19 @@ def _png(size=(8, 8)) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _bomb(side: int) -> str:
+    """A PNG whose header says side x side with almost no data: only a header check stops it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+    raw += chunk(b"IDAT", zlib.compress(b"\x00" * (side * 3 + 1) * 4)) + chunk(b"IEND", b"")
+    return base64.b64encode(raw).decode()
+
+
 # ---------------------------------------------------------------------------------------- no cluster
 
 
@@ -313,6 +326,11 @@ def test_cancel_a_running_story_then_resume_it(client, tmp_path):
     client.resume(story)
     final = client.wait(story, progress=False, timeout=120)
     assert final.state.value == "done" and final.shots_done == 6
+    # Read from the start, the stream goes through the cancel into the resumed run to its end.
+    events = list(client.events(story))
+    phases = [e.phase.value for e in events]
+    assert "cancelled" in phases and phases[-1] == "done"
+    assert events[-1].run == events[phases.index("cancelled")].run + 1
 
 
 @slow
@@ -327,6 +345,22 @@ def test_full_queue_answers_429_with_retry_after(stack, client):
         for story in stories:
             client.cancel(story)
     assert {client.wait(s, progress=False, timeout=60).state.value for s in stories} == {"cancelled"}
+
+
+@slow
+def test_idempotent_submission_and_readiness(stack, client):
+    headers = {"Authorization": f"Bearer {stack.token}", "Idempotency-Key": secrets.token_hex(8)}
+    body = build_request({"shots": [{"prompt": "an idempotent owl"}]}, TINY)
+    with httpx.Client(base_url=stack.url, timeout=30) as http:
+        first = http.post("/v1/stories", json=body, headers=headers)
+        again = http.post("/v1/stories", json=body, headers=headers)
+        assert first.status_code == again.status_code == 202 and first.json()["id"] == again.json()["id"]
+        other = http.post("/v1/stories", json={**body, "settings": {**TINY, "seed": 9}}, headers=headers)
+        assert other.status_code == 409 and other.json()["detail"][0]["field"] == "Idempotency-Key"
+        ready = http.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["engine"]["ready"] is True
+        assert "stories" not in http.get("/healthz").json()["engine"]  # nothing counted without a token
+    assert client.wait(first.json()["id"], progress=False, timeout=120).state.value == "done"
 
 
 # ---------------------------------------------------------------------------------------- bad input
@@ -401,6 +435,11 @@ def _bad_requests(story: str) -> list[tuple[str, str, str, dict, int, str]]:
         ("cancel a finished story", "DELETE", f"/v1/stories/{story}", {}, 409, "id"),
         ("resume a finished story", "POST", f"/v1/stories/{story}/resume", {}, 409, "id"),
         ("method not allowed", "PUT", "/v1/stories", {}, 405, "<method>"),
+        ("ten 8192x8192 reference images", "POST", post, shots(ok, reference_images=[{"data": _bomb(8192)}] * 10), 422, "reference_images.0.data"),
+        ("non-ASCII Last-Event-ID", "GET", f"/v1/stories/{story}/events", {"headers": {"Last-Event-ID": b"\xb2"}}, 422, "Last-Event-ID"),
+        ("id with a trailing newline", "GET", f"/v1/stories/{story}%0A", {}, 422, "id"),
+        ("non-ASCII shot index", "GET", f"/v1/stories/{story}/shots/%D9%A1", {}, 422, "k"),
+        ("cost over the limit", "POST", post, shots(*[ok] * 40, settings={"width": 832, "height": 480, "num_frames": 81, "num_inference_steps": 50}), 422, "settings"),
     ]  # fmt: skip
 
 
@@ -472,7 +511,7 @@ def test_batch_job_writes_the_table_and_a_second_run_skips(stack, client, tmp_pa
         shots = [{"prompt": f"{name} shot {k}", "cut": k != 1} for k in range(2 + i % 2)]
         (scripts / f"{name}.json").write_text(json.dumps({"story_name": name.title(), "shots": shots}))
     out = tmp_path / "results.parquet"
-    cmd = [sys.executable, "-m", "storymem.batch", str(scripts), "--out", str(out), "--settings", json.dumps(TINY),
+    cmd = [sys.executable, "-m", "actors.batch", str(scripts), "--out", str(out), "--settings", json.dumps(TINY),
            "--quiet", "--poll-s", "0.5"]  # fmt: skip
     first = subprocess.run(cmd, env=stack.env(), capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -529,7 +568,8 @@ def test_engine_client_through_the_serve_handle_and_the_engine_actor(stack, tmp_
     code = f"""
 import json, logging, ray
 from ray import serve
-from storymem.client import EngineClient, InvalidRequest, NotFound
+from actors.client import EngineClient
+from storymem.client import InvalidRequest, NotFound
 ray.init(address="auto", logging_level=logging.ERROR, log_to_driver=False)
 out = {{}}
 via_serve = EngineClient(serve.get_app_handle("storymem"))
