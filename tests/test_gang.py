@@ -99,7 +99,10 @@ def test_engine_runs_a_story_on_a_gang(ray_local, s3_server):
     try:
         script = {"story_name": "gang", "settings": {"width": 64, "height": 48, "num_frames": 5, "num_inference_steps": 3},
                   "shots": [{"prompt": "a red fox runs", "cut": True}, {"prompt": "the fox sleeps", "cut": True}]}
-        story = ray.get(engine.submit.remote(script), timeout=60)["id"]
+        from storymem.service.intake import normalise  # the engine takes validated requests only
+
+        request = normalise(script, profile=ray.get(engine.profile.remote(), timeout=120))
+        story = ray.get(engine.submit.remote(request), timeout=60)["id"]
         deadline = time.monotonic() + 300
         while (status := ray.get(engine.status.remote(story), timeout=60))["state"] not in ("done", "failed", "cancelled"):
             assert time.monotonic() < deadline, status

@@ -249,13 +249,15 @@ def test_wrong_pairing_is_refused_with_the_field_named(release, tmp_path):
 @pytest.mark.slow
 def test_engine_refuses_a_story_without_its_lora_set(release, tmp_path, ray_local, s3_server):
     """The submission edge: a generator loaded with the MI2V set only reports {none, mi2v}; the
-    engine refuses an mm2v story on settings.transition (the service answers that with a 422) and
-    writes nothing."""
+    service's intake (here through the in-cluster client, the same facade as HTTP) refuses an mm2v
+    story with a 422 on settings.transition and writes nothing."""
     import uuid
 
     import ray
 
     from actors import start_engine
+    from actors.client import EngineClient
+    from storymem.service.contract import InvalidRequest
     from storymem.config import EngineConfig
     from storymem.storage import S3Store
 
@@ -269,8 +271,9 @@ def test_engine_refuses_a_story_without_its_lora_set(release, tmp_path, ray_loca
     engine = start_engine(cfg)
     try:
         story = {"shots": [{"prompt": "a fox"}, {"prompt": "it runs", "cut": False}], "settings": {"transition": "mm2v"}}
-        with pytest.raises(ScriptError) as err:
-            ray.get(engine.submit.remote(story), timeout=120)
+        with pytest.raises(InvalidRequest) as err:
+            EngineClient(engine, cfg=cfg).submit(story)
+        assert err.value.status == 422
         assert [f for f, _ in err.value.errors] == ["settings.transition"]
         assert "Wan2.2-MM2V-A14B" in err.value.errors[0][1]
         assert S3Store(storage).list("stories/") == []
