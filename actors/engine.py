@@ -419,6 +419,9 @@ class StoryEngine:
             {
                 "index": r.index,
                 "mode": r.mode,
+                "prompt": r.prompt,
+                "cut": r.cut,
+                "frames": r.frames,
                 "memory_used": r.memory_used,
                 "keyframes": r.keyframes,
                 "memory_after": r.memory_after,
