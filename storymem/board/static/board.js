@@ -244,6 +244,7 @@
       root.appendChild(state.inspector);
     }
     state.view = view;
+    root.classList.toggle("sb-compare", !!view.compare);
     state.head.replaceChildren(header(view));
     state.script.replaceChildren(scriptPanel(state));
     var finalKey = String(!!view.final) + (view.compare ? String(!!view.compare.final) : "");
