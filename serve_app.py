@@ -16,6 +16,7 @@ Routes (all under /v1 need `Authorization: Bearer <token>`; /healthz does not):
     DELETE /v1/stories/{id}            cancel
     GET    /healthz                    liveness of the API and the engine
     GET    /docs, /openapi.json        OpenAPI
+    GET    /, /board/...               the storyboard page (static; no token, the page sends it)
 
 Every error is `{"detail": [{"field": ..., "problem": ...}]}` with a 4xx/5xx status. Story ids are
 made by the server and checked against its pattern; no request names a path or an object key.
@@ -52,6 +53,8 @@ from storymem.client import (
     Unauthorized,
     engine_error,
 )
+from storymem.board import mount as mount_board
+from storymem.board import script_outline
 from storymem.config import ServiceConfig, StoryMemConfig, load_config
 from storymem.progress import Phase
 from storymem.script import ScriptError, StoryRequest, load_request
@@ -94,9 +97,15 @@ class MemoryReport(BaseModel):
     id: str
     expires_s: int
     shots: list[dict] = Field(
-        description="Per committed shot: index, keyframes [{frame, key, url}] taken into memory, and "
-        "memory_used [{shot, frame, source, slot, url?}] the shot was conditioned on."
+        description="Per committed shot: index, prompt, cut, mode, frames, keyframes [{frame, key, url, "
+        "aesthetic, similarity_prev}] taken into memory, and memory_used [{shot, frame, source, slot: "
+        "sink|window, url?}] the shot was conditioned on."
     )
+    script: dict | None = Field(
+        None, description="The story's script as stored once it started: story_name, story_overview, shots "
+        "[{prompt, cut, scene}], reference_images (data: URIs). None while queued."
+    )
+    settings: dict | None = Field(None, description="The story's resolved generation settings, once it started.")
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -354,7 +363,19 @@ class StoryService:
                 out.append(dict(record, keyframes=keyframes, memory_used=used))
             return out
 
-        return {"id": story_id, "expires_s": seconds, "shots": await self._storage(sign)}
+        script, settings = await self._storage(self._story_files, story_id)
+        return {"id": story_id, "expires_s": seconds, "shots": await self._storage(sign), "script": script,
+                "settings": settings}  # fmt: skip
+
+    def _story_files(self, story_id: str) -> tuple[dict | None, dict | None]:
+        """The stored script (as the storyboard shows it) and settings; None before the story starts."""
+        layout, out = StoryLayout(story_id), []
+        for key in (layout.script, layout.settings):
+            try:
+                out.append(json.loads(self.store.get_bytes(key)))
+            except KeyError:
+                out.append(None)
+        return script_outline(out[0]), out[1]
 
 
 # ---------------------------------------------------------------------------------------- HTTP
@@ -637,6 +658,7 @@ def create_app(service: StoryService | None = None) -> FastAPI:
         return await svc().memory(story_id, expires_s)
 
     _document_request_body(app, v1)
+    mount_board(app)  # the storyboard page at / (static files; it sends the token to the routes above)
     return app
 
 

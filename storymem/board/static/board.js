@@ -113,7 +113,7 @@
       ]));
     }
     return el("article", { class: "sb-shot" + (shot ? " sb-done" : " sb-pending"), id: "sb-shot-" + k,
-      dataset: { index: String(k), committed: shot ? "1" : "0" } }, body);
+      dataset: { index: String(k), committed: shot ? (shot.video ? "2" : "1") : "0" } }, body);
   }
 
   function timelineRow(state, shot) {
@@ -254,7 +254,8 @@
     }
     var total = Math.max(view.shots_total || 0, view.shots.length);
     for (var k = 0; k < total; k++) {
-      var committed = view.shots[k] ? "1" : "0";
+      // A committed shot's card is rebuilt once more when its video link arrives.
+      var committed = view.shots[k] ? (view.shots[k].video ? "2" : "1") : "0";
       var card = state.cards[k];
       if (!card || card.dataset.committed !== committed) {
         var fresh = shotCard(state, k);
