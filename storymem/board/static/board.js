@@ -240,7 +240,7 @@
       ]);
       state.inspector = el("div", { class: "sb-inspector", hidden: true });
       root.appendChild(state.head);
-      root.appendChild(el("div", { class: "sb-layout" }, [state.script, el("main", {}, [state.final, state.shots, state.timeline])]));
+      root.appendChild(el("div", { class: "sb-layout" }, [state.script, el("main", {}, [state.final, state.timeline, state.shots])]));
       root.appendChild(state.inspector);
     }
     state.view = view;
