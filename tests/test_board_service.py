@@ -5,10 +5,13 @@ cancel and resume. One stack for the module; screenshots go to the artifacts fol
 
 from __future__ import annotations
 
+import io
 import json
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.browser_util import load_images, play_videos
 from tests.test_service import Stack, stack  # noqa: F401  (the module-scoped stack fixture)
@@ -59,13 +62,28 @@ def _sign_in(page, stack: Stack):
     page.wait_for_selector("#stories")
 
 
-def _submit(page, script: dict, settings: dict):
+def _submit(page, script: dict, settings: dict, references: list[tuple[str, bytes]] = ()):
     page.click("nav.top [data-nav=new]")
     page.wait_for_selector("#settings-width")  # the settings form is built from /openapi.json
+    if references:
+        _attach_references(page, list(references))
     page.fill("#script", json.dumps(script, indent=1))
     for name, value in settings.items():
         page.fill(f"#settings-{name}", str(value))
     page.click("#submit")
+
+
+def _png(width=48, height=32) -> bytes:
+    image = np.zeros((height, width, 3), np.uint8)
+    image[8:24, 16:32] = (230, 180, 40)  # a yellow square: the "character" of a customised story
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _attach_references(page, files: list[tuple[str, bytes]]):
+    page.set_input_files("#refs", files=[{"name": n, "mimeType": "image/png", "buffer": b} for n, b in files])
+    page.wait_for_function(f"document.querySelectorAll('.refs-preview img').length === {len(files)}")
 
 
 def _story_id(page) -> str:
@@ -157,6 +175,16 @@ def test_bad_script_and_settings_show_field_errors(site, stack):  # noqa: F811
     assert "invalid" in page.get_attribute("#settings-width", "class")
     assert "invalid" in page.get_attribute("#script", "class")
     assert page.url.endswith("#/new") and _api(stack, "GET", "/v1/stories?limit=1")["total"] == before
+    # An uploaded reference image that is not an image: the error sits by the upload field.
+    page.fill("#script", json.dumps(THREE))
+    page.fill("#settings-width", "")
+    _attach_references(page, [("hero.png", b"this is not a PNG")])
+    page.click("#submit")
+    page.wait_for_selector("#reference_images-errors li")
+    field = page.get_attribute("#reference_images-errors li", "data-field")
+    assert field.startswith("script.reference_images.0"), field
+    assert page.locator("#script-errors li").count() == 0
+    assert _api(stack, "GET", "/v1/stories?limit=1")["total"] == before
     # Not JSON at all: said before anything is sent.
     page.fill("#script", "{not json")
     page.click("#submit")
@@ -167,8 +195,9 @@ def test_bad_script_and_settings_show_field_errors(site, stack):  # noqa: F811
 def test_cancel_then_resume_from_the_story_page(site, stack, artifacts):  # noqa: F811
     page = site.new_page()
     _sign_in(page, stack)
+    # A customised story: the reference image is uploaded in the form and seeds the memory.
     _submit(page, {"story_name": "Board cancel", "shots": [{"prompt": f"the character, take {i}"} for i in range(4)]},
-            SLOW)  # fmt: skip
+            SLOW, references=[("hero.png", _png())])  # fmt: skip
     story = _story_id(page)
     page.wait_for_function("document.getElementById('progress-text')?.dataset.phase === 'denoise'", timeout=120_000)
     assert page.is_enabled("#cancel") and page.is_disabled("#resume")
@@ -180,9 +209,15 @@ def test_cancel_then_resume_from_the_story_page(site, stack, artifacts):  # noqa
     assert page.locator(".sb-shot.sb-done").count() == status["shots_done"]
     page.click("#resume")
     page.wait_for_function("document.getElementById('progress-text')?.dataset.phase === 'done'", timeout=240_000)
-    page.wait_for_function("document.querySelectorAll('.sb-shot.sb-done video').length === 4")
+    page.wait_for_function("document.querySelectorAll('.sb-shot.sb-done video').length === 4 && "
+                           "document.querySelector('.sb-final video') !== null")  # fmt: skip
     videos = play_videos(page, ".sb-shot video, .sb-final video")
     assert len(videos) == 5 and all(v["played"] is True for v in videos), videos
     assert _api(stack, "GET", f"/v1/stories/{story}")["state"] == "done"
+    (ref,) = load_images(page, ".sb-script .sb-refs img")
+    assert (ref["width"], ref["height"]) == (48, 32)
+    first = page.locator('#sb-shot-0 .sb-memory[data-origin="-1:0"] img')
+    assert first.count() == 1 and first.evaluate("i => i.naturalWidth") == 48  # shot 1 (MR2V) saw it
+    assert page.locator("#sb-shot-0 .sb-tag").first.inner_text() == "mr2v"
     page.screenshot(path=str(artifacts / "service-resumed.png"), full_page=True)
     page.close()
