@@ -221,3 +221,25 @@ def test_cancel_then_resume_from_the_story_page(site, stack, artifacts):  # noqa
     assert page.locator("#sb-shot-0 .sb-tag").first.inner_text() == "mr2v"
     page.screenshot(path=str(artifacts / "service-resumed.png"), full_page=True)
     page.close()
+
+
+def test_story_list_pages_and_filters(site, stack):  # noqa: F811
+    page = site.new_page()
+    _sign_in(page, stack)
+    listed = _api(stack, "GET", "/v1/stories?limit=2")
+    assert listed["total"] >= 2  # the stories of the tests above
+    page.goto(stack.url + "/#/?limit=1")
+    page.wait_for_selector("#stories tbody tr[data-id]")
+    first = page.get_attribute("#stories tbody tr[data-id]", "data-id")
+    assert first == listed["items"][0]["id"] and page.is_disabled("#prev") and page.is_enabled("#next")
+    assert page.inner_text(".toolbar .hint") == f"1–1 of {listed['total']}"
+    page.click("#next")
+    page.wait_for_function(f"document.querySelector('#stories tbody tr[data-id]')?.dataset.id === '{listed['items'][1]['id']}'")
+    assert page.is_enabled("#prev")
+    # The name filter narrows the page in place.
+    page.goto(stack.url + "/#/")
+    page.wait_for_selector("#stories tbody tr[data-id]")
+    page.fill("#filter-text", "board live")
+    page.wait_for_function("[...document.querySelectorAll('#stories tbody tr[data-id]')].every(r => r.textContent.includes('Board live'))")
+    assert page.locator("#stories tbody tr[data-id]").count() >= 1
+    page.close()

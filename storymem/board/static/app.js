@@ -141,6 +141,7 @@
     var offset = Math.max(0, parseInt(params.get("offset") || "0", 10) || 0);
     var state = params.get("state") || "";
     var text = params.get("q") || "";
+    var limit = Math.min(100, Math.max(1, parseInt(params.get("limit") || String(PAGE), 10) || PAGE));
     var stateSel = el("select", { id: "filter-state", name: "state" },
       ["", "queued", "running", "done", "failed", "cancelled"].map(function (s) {
         return el("option", { value: s, text: s || "any state", selected: s === state });
@@ -160,13 +161,14 @@
       if (o) p.set("offset", o);
       if (s) p.set("state", s);
       if (q) p.set("q", q);
+      if (limit !== PAGE) p.set("limit", limit);
       location.hash = "#/" + (p.toString() ? "?" + p.toString() : "");
     }
     stateSel.addEventListener("change", function () { go(0, stateSel.value, search.value); });
     search.addEventListener("input", function () { draw(last); });
     search.addEventListener("change", function () { go(offset, state, search.value); });
-    prev.addEventListener("click", function () { go(Math.max(0, offset - PAGE), state, search.value); });
-    next.addEventListener("click", function () { go(offset + PAGE, state, search.value); });
+    prev.addEventListener("click", function () { go(Math.max(0, offset - limit), state, search.value); });
+    next.addEventListener("click", function () { go(offset + limit, state, search.value); });
 
     var last = null;
     function draw(page) {
@@ -176,7 +178,8 @@
       var items = page.items.filter(function (s) {
         return !q || (s.id + " " + (s.story_name || "")).toLowerCase().indexOf(q) >= 0;
       });
-      var tenants = page.items.some(function (s) { return s.owner; });
+      function tenant(s) { return s.tenant || s.owner || ""; }
+      var tenants = page.items.some(tenant);
       head.replaceChildren.apply(head, ["story", "state", "shots", "created"].concat(tenants ? ["tenant"] : [])
         .map(function (h) { return el("th", { text: h }); }));
       body.replaceChildren.apply(body, items.map(function (s) {
@@ -185,7 +188,7 @@
           el("td", {}, [stateTag(s.state)]),
           el("td", { class: "shots", text: s.shots_done + " / " + s.shots_total }),
           el("td", { text: when(s.created) }),
-          tenants ? el("td", { text: s.owner || "" }) : null,
+          tenants ? el("td", { class: "tenant", text: tenant(s) }) : null,
         ]);
       }));
       if (!items.length) body.appendChild(el("tr", {}, [el("td", { colspan: 5, class: "hint", text: page.total ? "no story on this page matches" : "no stories yet" })]));
@@ -196,7 +199,7 @@
     }
 
     function load() {
-      var q = "/v1/stories?offset=" + offset + "&limit=" + PAGE + (state ? "&state=" + state : "");
+      var q = "/v1/stories?offset=" + offset + "&limit=" + limit + (state ? "&state=" + state : "");
       return api("GET", q).then(function (page) {
         if (!alive) return;
         draw(page);
