@@ -151,3 +151,29 @@ def test_board_compares_a_run_without_memory_shot_by_shot(run_dir, browser, arti
         assert not errors, errors
     finally:
         page.close()
+
+
+@pytest.mark.slow
+def test_board_of_an_unfinished_run_shows_what_is_committed(run_dir, browser, tmp_path):
+    # A run stopped after two shots, whose script holds markup: the page shows the two shots, the
+    # third as not made, no final video, and the prompts as text.
+    partial = tmp_path / "partial"
+    shutil.copytree(run_dir, partial)
+    manifest = json.loads((partial / "manifest.json").read_text())
+    manifest["shots"] = manifest["shots"][:2]
+    manifest.update(state="cancelled", final=None, final_frames=None, error="cancelled by request")
+    hostile = "</script><!--<script>window.pwned=1</script> <b>bold</b>"
+    manifest["shots"][0]["prompt"] = hostile
+    (partial / "manifest.json").write_text(json.dumps(manifest))
+    (partial / "final.mp4").unlink()
+    page, errors = _open(browser, write_board(partial))
+    try:
+        assert page.locator(".sb-shot.sb-done").count() == 2 and page.locator(".sb-shot.sb-pending").count() == 1
+        assert page.locator(".sb-final video").count() == 0 and "not made yet" in page.inner_text(".sb-final")
+        assert page.inner_text("#sb-shot-0 .sb-prompt") == hostile
+        assert page.evaluate("window.pwned") is None and page.locator(".sb-shot b").count() == 0
+        assert "cancelled by request" in page.inner_text(".sb-head")
+        assert len(play_videos(page, ".sb-shot video")) == 2
+        assert not errors, errors
+    finally:
+        page.close()

@@ -158,7 +158,8 @@ def render_page(view: dict, title: str | None = None) -> str:
     """A self-contained HTML document showing `view` (styles and scripts inlined)."""
     css = (STATIC / "board.css").read_text(encoding="utf-8")
     js = (STATIC / "board.js").read_text(encoding="utf-8")
-    data = json.dumps(view, separators=(",", ":"), ensure_ascii=False)
+    # "<" as \u003c: no prompt can end the data element or open a comment in it.
+    data = json.dumps(view, separators=(",", ":"), ensure_ascii=False).replace("<", "\\u003c")
     name = html.escape(title or view.get("title") or "StoryMem storyboard")
     return (
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -166,7 +167,7 @@ def render_page(view: dict, title: str | None = None) -> str:
         f"<title>{name} · StoryMem storyboard</title>\n<style>\n{css}\n</style></head>\n"
         "<body class=\"sb-static\"><div id=\"board\"></div>\n"
         f"<script>\n{_inline(js)}\n</script>\n"
-        f"<script id=\"story-data\" type=\"application/json\">{_inline(data)}</script>\n"
+        f"<script id=\"story-data\" type=\"application/json\">{data}</script>\n"
         "<script>StoryBoard.render(document.getElementById('board'), "
         "JSON.parse(document.getElementById('story-data').textContent));</script>\n"
         "</body></html>\n"
