@@ -54,7 +54,7 @@ from storymem.client import (
     engine_error,
 )
 from storymem.board import mount as mount_board
-from storymem.board import script_outline
+from storymem.board import stored_story
 from storymem.config import ServiceConfig, StoryMemConfig, load_config
 from storymem.progress import Phase
 from storymem.script import ScriptError, StoryRequest, load_request
@@ -363,19 +363,8 @@ class StoryService:
                 out.append(dict(record, keyframes=keyframes, memory_used=used))
             return out
 
-        script, settings = await self._storage(self._story_files, story_id)
-        return {"id": story_id, "expires_s": seconds, "shots": await self._storage(sign), "script": script,
-                "settings": settings}  # fmt: skip
-
-    def _story_files(self, story_id: str) -> tuple[dict | None, dict | None]:
-        """The stored script (as the storyboard shows it) and settings; None before the story starts."""
-        layout, out = StoryLayout(story_id), []
-        for key in (layout.script, layout.settings):
-            try:
-                out.append(json.loads(self.store.get_bytes(key)))
-            except KeyError:
-                out.append(None)
-        return script_outline(out[0]), out[1]
+        stored = await self._storage(stored_story, self.store, story_id)  # script and settings, for the page
+        return {"id": story_id, "expires_s": seconds, "shots": await self._storage(sign), **stored}
 
 
 # ---------------------------------------------------------------------------------------- HTTP

@@ -177,3 +177,29 @@ def test_board_of_an_unfinished_run_shows_what_is_committed(run_dir, browser, tm
         assert not errors, errors
     finally:
         page.close()
+
+
+def test_stored_story_reads_a_service_story_and_inlines_references(tmp_path):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from storymem.board import stored_story
+    from storymem.storage import LocalStore, StoryLayout
+
+    store = LocalStore(tmp_path)
+    assert stored_story(store, "s1") == {"script": None, "settings": None}  # queued: nothing stored yet
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, format="PNG")
+    png = base64.b64encode(buf.getvalue()).decode()
+    layout = StoryLayout("s1")
+    script = {**SCRIPT, "reference_images": [{"data": png, "path": None}, {"data": None, "path": "hero.png"}]}
+    store.put_bytes(layout.script, json.dumps(script).encode())
+    store.put_bytes(layout.settings, json.dumps({"fps": 12}).encode())
+    got = stored_story(store, "s1")
+    assert got["settings"] == {"fps": 12}
+    assert [s["prompt"] for s in got["script"]["shots"]] == [s["prompt"] for s in SCRIPT["shots"]]
+    assert [s["cut"] for s in got["script"]["shots"]] == [True, False, True]
+    assert got["script"]["reference_images"] == [f"data:image/png;base64,{png}", None]  # a path is never read

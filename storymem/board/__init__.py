@@ -62,6 +62,21 @@ def script_outline(script: dict | None, inline_references: bool = True) -> dict 
     }
 
 
+def stored_story(store, story_id: str) -> dict:
+    """`{"script", "settings"}` of a story in a service store (stories/<id>/): the script as
+    `script_outline` gives it and the resolved settings, each None until the story has started."""
+    from storymem.storage import StoryLayout
+
+    layout, out = StoryLayout(story_id), {}
+    for name, key in (("script", layout.script), ("settings", layout.settings)):
+        try:
+            out[name] = json.loads(store.get_bytes(key))
+        except KeyError:
+            out[name] = None
+    out["script"] = script_outline(out["script"])
+    return out
+
+
 def _image_type(b64: str) -> str:
     head = base64.b64decode(b64[:16] + "=" * (-len(b64[:16]) % 4), validate=False)
     return "image/png" if head.startswith(b"\x89PNG") else "image/jpeg"
