@@ -117,6 +117,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 1
     total = sum(sum(r.timings.values()) for r in manifest.shots)
     print(f"done: {manifest.shots_done} shots, {manifest.final_frames} frames -> {args.out / 'final.mp4'} ({total:.1f} s of shot work)")
+    print(f"look at it: storymem board {args.out}")
     return EXIT_OK
 
 

@@ -191,7 +191,7 @@
           tenants ? el("td", { class: "tenant", text: tenant(s) }) : null,
         ]);
       }));
-      if (!items.length) body.appendChild(el("tr", {}, [el("td", { colspan: 5, class: "hint", text: page.total ? "no story on this page matches" : "no stories yet" })]));
+      if (!items.length) body.appendChild(el("tr", {}, [el("td", { colspan: 5, class: "hint", text: page.total ? "no story on this page matches" : state ? "no " + state + " stories" : "no stories yet" })]));
       var end = Math.min(page.total, offset + page.items.length);
       info.textContent = page.total ? (offset + 1) + "–" + end + " of " + page.total : "";
       prev.disabled = offset === 0;

@@ -56,7 +56,7 @@
       (item.similarity_prev !== undefined && item.similarity_prev !== null ? ", similarity to previous keyframe " + fmt(item.similarity_prev, 3) : "");
     var node = el("button", {
       type: "button",
-      class: "sb-thumb sb-" + kind + (item.slot ? " sb-slot-" + item.slot : ""),
+      class: "sb-thumb sb-" + kind + (item.slot ? " sb-slot-" + item.slot : "") + (item.source === "reference" ? " sb-ref" : ""),
       title: title,
       style: "--h:" + hue(item.shot),
       dataset: { origin: origin(item.shot, item.frame), shot: String(item.shot), frame: String(item.frame) },
