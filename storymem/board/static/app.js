@@ -12,6 +12,9 @@
   var PAGE = 20;
   var app = document.getElementById("app");
   var current = null; // the open view's cleanup (aborts its stream and timers)
+  // Paths are taken relative to the page, so the app also works under a route prefix ("/x/").
+  var ROOT = location.pathname.replace(/[^/]*$/, "");
+  function u(path) { return ROOT + path.replace(/^\//, ""); }
 
   // ---------------------------------------------------------------------------------------- API
 
@@ -28,7 +31,7 @@
     var t = token();
     if (t) headers.Authorization = "Bearer " + t;
     if (body !== undefined) headers["Content-Type"] = "application/json";
-    return fetch(path, { method: method, headers: headers, body: body === undefined ? undefined : JSON.stringify(body) })
+    return fetch(u(path), { method: method, headers: headers, body: body === undefined ? undefined : JSON.stringify(body) })
       .then(function (r) {
         return r.text().then(function (text) {
           var data = null;
@@ -48,7 +51,7 @@
   function readEvents(path, after, onEvent, signal) {
     var headers = { Accept: "text/event-stream", Authorization: "Bearer " + token() };
     if (after) headers["Last-Event-ID"] = String(after);
-    return fetch(path, { headers: headers, signal: signal, cache: "no-store" }).then(function (r) {
+    return fetch(u(path), { headers: headers, signal: signal, cache: "no-store" }).then(function (r) {
       if (!r.ok) return r.json().catch(function () { return {}; }).then(function (b) { throw new ApiError(r.status, b.detail); });
       var reader = r.body.getReader();
       var decoder = new TextDecoder();
@@ -224,7 +227,7 @@
   var schemaCache = null;
   function settingsSchema() {
     if (!schemaCache) {
-      schemaCache = fetch("/openapi.json").then(function (r) { return r.json(); }).then(function (doc) {
+      schemaCache = fetch(u("/openapi.json")).then(function (r) { return r.json(); }).then(function (doc) {
         var all = (doc.components || {}).schemas || {};
         return { settings: all.GenerationSettings, all: all };
       });
@@ -268,12 +271,12 @@
       var f = upload.files[0];
       if (f) f.text().then(function (t) { script.value = t; });
     });
-    fetch("/board/examples/index.json").then(function (r) { return r.json(); }).then(function (list) {
+    fetch(u("/board/examples/index.json")).then(function (r) { return r.json(); }).then(function (list) {
       list.forEach(function (e) { example.appendChild(el("option", { value: e.file, text: e.file + " · " + e.name + " (" + e.shots + " shots)" })); });
     });
     example.addEventListener("change", function () {
       if (!example.value) return;
-      fetch("/board/examples/" + encodeURIComponent(example.value)).then(function (r) { return r.text(); }).then(function (t) { script.value = t; });
+      fetch(u("/board/examples/" + encodeURIComponent(example.value))).then(function (r) { return r.text(); }).then(function (t) { script.value = t; });
     });
     refs.addEventListener("change", function () {
       references = [];
