@@ -164,6 +164,15 @@ def test_bad_script_and_settings_show_field_errors(site, stack):  # noqa: F811
     page = site.new_page()
     _sign_in(page, stack)
     before = _api(stack, "GET", "/v1/stories?limit=1")["total"]
+    # A script comes from an example shipped with the page, or from a file.
+    page.click("nav.top [data-nav=new]")
+    page.wait_for_selector("#example option[value='st-bench-cat.json']", state="attached")
+    page.select_option("#example", "st-bench-cat.json")
+    page.wait_for_function("document.getElementById('script').value.includes('scenes')")
+    assert len(json.loads(page.input_value("#script"))["scenes"]) >= 1
+    page.set_input_files("#script-file", files=[{"name": "mine.json", "mimeType": "application/json",
+                                                 "buffer": json.dumps(THREE).encode()}])  # fmt: skip
+    page.wait_for_function("document.getElementById('script').value.includes('Board live')")
     bad = {"shots": [{"prompt": "first", "cut": False}, {"prompt": "second"}]}
     _submit(page, bad, {"width": 50})
     page.wait_for_selector("#script-errors li")
