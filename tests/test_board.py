@@ -134,7 +134,7 @@ def test_board_page_plays_every_video_and_shows_the_memory_from_disk(run_dir, br
 @pytest.mark.slow
 def test_board_compares_a_run_without_memory_shot_by_shot(run_dir, browser, artifacts, tmp_path):
     # The comparison run sits in another folder; its files are linked relative to the board.
-    other = tmp_path / "no-memory"
+    other = tmp_path / "no memory #2"  # a name that must be escaped in a URL
     shutil.copytree(run_dir, other)
     (other / "board.html").unlink(missing_ok=True)
     board = write_board(run_dir, compare_dir=other)
@@ -142,9 +142,9 @@ def test_board_compares_a_run_without_memory_shot_by_shot(run_dir, browser, arti
     try:
         videos = play_videos(page, ".sb-shot video")
         assert len(videos) == 6 and all(v["played"] is True for v in videos), videos
-        assert sum("/no-memory/shots/" in v["src"] for v in videos) == 3
+        assert sum("/no%20memory%20%232/shots/" in v["src"] for v in videos) == 3
         finals = play_videos(page, ".sb-final video")
-        assert [f["src"].rsplit("/", 2)[-2] for f in finals] == ["run", "no-memory"]
+        assert [f["src"].rsplit("/", 2)[-2] for f in finals] == ["run", "no%20memory%20%232"]
         labels = page.locator(".sb-shot figcaption").all_inner_texts()
         assert labels.count("with memory") == 3 and labels.count("without memory") == 3
         page.screenshot(path=str(artifacts / "board-compare.png"), full_page=True)

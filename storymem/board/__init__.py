@@ -23,6 +23,7 @@ import html
 import json
 import os
 from pathlib import Path
+from urllib.parse import quote
 
 STATIC = Path(__file__).resolve().parent / "static"
 EXAMPLES = Path(__file__).resolve().parent / "examples"
@@ -110,7 +111,8 @@ def story_view(run_dir: str | os.PathLike, link_base: str = "") -> dict:
         script = _read_json(root / "script.json", "script.json")
 
     def link(key: str | None) -> str | None:
-        return None if key is None else link_base + key
+        # A relative URL: folder names may hold spaces, '#' or '%'.
+        return None if key is None else quote(link_base + key, safe="/")
 
     by_frame = {}
     shots = []
@@ -152,11 +154,11 @@ def story_view(run_dir: str | os.PathLike, link_base: str = "") -> dict:
     }
 
 
-def _compare_view(run_dir: Path, compare_dir: Path, out_dir: Path) -> dict:
+def _compare_view(compare_dir: Path, out_dir: Path, label: str) -> dict:
     base = os.path.relpath(compare_dir, out_dir).replace(os.sep, "/") + "/"
     other = story_view(compare_dir, link_base=base)
     return {
-        "label": "without memory",
+        "label": label,
         "title": other["title"],
         "shots": [{"index": s["index"], "video": s["video"], "keyframes": s["keyframes"]} for s in other["shots"]],
         "final": other["final"],
@@ -189,11 +191,14 @@ def render_page(view: dict, title: str | None = None) -> str:
     )
 
 
-def write_board(run_dir: str | os.PathLike, compare_dir: str | os.PathLike | None = None) -> Path:
+def write_board(
+    run_dir: str | os.PathLike, compare_dir: str | os.PathLike | None = None, compare_label: str = "without memory"
+) -> Path:
     """Write `board.html` into `run_dir` (a `storymem run` folder) and return its path.
 
     compare_dir: the same story run with memory removed; its shots and final video appear beside
-    this run's, shot by shot. Links are relative, so the folders may move together.
+    this run's, shot by shot, under `compare_label`. Links are relative, so the folders may move
+    together.
     """
     root = Path(run_dir)
     if not root.is_dir():
@@ -203,7 +208,7 @@ def write_board(run_dir: str | os.PathLike, compare_dir: str | os.PathLike | Non
         other = Path(compare_dir)
         if not other.is_dir():
             raise BoardError(f"{other}: not a folder")
-        view["compare"] = _compare_view(root, other, root)
+        view["compare"] = _compare_view(other, root, compare_label)
     out = root / BOARD_FILE
     tmp = root / f".{BOARD_FILE}.tmp"
     tmp.write_text(render_page(view), encoding="utf-8")
