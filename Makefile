@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast bench serve stop clean
+.PHONY: install browser demo test test-fast bench serve stop clean
 
 install: $(STAMP)
 
@@ -22,10 +22,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The browser tests drive Debian's Chromium through Playwright (a test tool's own browser download
+# does not work offline); installed once, skipped when present.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
+
 demo: install
 	$(PY) -m actors.demo --story $(STORY) $(DEMO_ARGS)
 
-test: install
+test: install browser
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: install

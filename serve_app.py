@@ -40,6 +40,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from storymem.board import mount as mount_board
 from storymem.config import ServiceConfig, StoryMemConfig, load_config
 from storymem.progress import EventCursor
 from storymem.script import StoryRequest
@@ -99,6 +100,8 @@ class MemoryReport(BaseModel):
         description="Per committed shot: index, keyframes [{frame, key, url}] taken into memory, and "
         "memory_used [{shot, frame, source, slot, url?}] the shot was conditioned on."
     )
+    script: dict | None = Field(None, description="The stored script (storyboard form), once started.")
+    settings: dict | None = Field(None, description="The resolved settings, once started.")
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -397,8 +400,8 @@ def create_app(service: StoryService | None = None) -> FastAPI:
     async def memory(story_id: str = id_p, caller: Principal = Depends(who), expires_s: str | None = expires_q):
         return await svc().memory(story_id, expires_s, caller)
 
-    # Pages served at / (e.g. a storyboard) are added here, after the API routes.
     _document_request_body(app, v1)
+    mount_board(app)  # the storyboard page at / (static files, no auth; its data calls carry the token)
     return app
 
 

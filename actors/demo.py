@@ -57,6 +57,7 @@ def run_stories(client, store, bodies: dict, out: Path, quiet: bool = False) -> 
 
 
 def run_demo(story: Path, out: Path, data: Path, quiet: bool = False, compare: bool = True) -> int:
+    from storymem.board import write_board
     from storymem.client import build_request
     from storymem.compare import MEMORY_REMOVED, WITH_MEMORY, memory_removed, write_comparison
     from storymem.script import ScriptError, load_request
@@ -104,7 +105,7 @@ def run_demo(story: Path, out: Path, data: Path, quiet: bool = False, compare: b
                 return 1
             t_made = time.perf_counter()
             main_status, main_dir = statuses[WITH_MEMORY], runs[WITH_MEMORY]
-            files = write_comparison(runs, main_dir) if compare else {}
+            files = write_comparison(runs, main_dir) if compare else {"storyboard": write_board(main_dir)}
             per_shot = [x for st in statuses.values() for x in st.seconds_per_shot]
             print(
                 f"done in {time.perf_counter() - t0:.0f} s: {len(statuses)} stories in {t_made - t_stories:.0f} s "

@@ -124,6 +124,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 1
     total = sum(sum(r.timings.values()) for r in manifest.shots)
     print(f"done: {manifest.shots_done} shots, {manifest.final_frames} frames -> {args.out / 'final.mp4'} ({total:.1f} s of shot work)")
+    print(f"look at it: storymem board {args.out}")
     return EXIT_OK
 
 
@@ -141,6 +142,37 @@ def _read_settings(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ScriptError([("--settings", f"{path}: must hold a JSON object of settings")])
     return data
+
+
+# ----------------------------------------------------------------------------------------------
+# board
+
+
+def _add_board(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "board",
+        help="write a storyboard page (board.html) for a `storymem run` folder",
+        description="Write OUT_DIR/board.html: the shots beside the script, each shot's video, the final "
+        "video and the memory timeline (keyframes each shot added, the memory it was conditioned on). The "
+        "page links the folder's files by relative paths and opens from disk without a server.",
+    )
+    p.add_argument("out_dir", type=Path, help="a folder written by `storymem run`")
+    p.add_argument(
+        "--compare", type=Path, default=None, metavar="DIR",
+        help="the same story run with memory removed: shown beside OUT_DIR shot by shot",
+    )  # fmt: skip
+
+
+def _cmd_board(args: argparse.Namespace) -> int:
+    from storymem.board import BoardError, write_board
+
+    try:
+        path = write_board(args.out_dir, args.compare)
+    except BoardError as exc:
+        print(f"out_dir: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"storyboard: {path}")
+    return EXIT_OK
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,6 +208,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
     "validate": (_add_validate, _cmd_validate),
     "run": (_add_run, _cmd_run),
+    "board": (_add_board, _cmd_board),
     "train": (_add_train, _cmd_train),
     "eval": (_add_eval, _cmd_eval),
 }

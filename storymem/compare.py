@@ -191,7 +191,8 @@ def write_comparison(runs: Mapping[str, str | os.PathLike], folder: str | os.Pat
         "side by side": side_by_side_video(runs, folder / "memory_vs_removed.mp4"),
         "contact sheet": contact_sheet(runs, folder / "contact_sheet.png"),
     }
-    # MERGE(h11): the storyboard of both runs, shot by shot. The lead wires this at merge:
-    #     from .board import write_board
-    #     files["storyboard"] = write_board(runs[WITH_MEMORY], compare_dir=runs[MEMORY_REMOVED])
+    from .board import write_board
+
+    # The storyboard of the run with memory, the run without beside it shot by shot.
+    files["storyboard"] = write_board(runs[WITH_MEMORY], compare_dir=runs[MEMORY_REMOVED], compare_label=MEMORY_REMOVED)
     return files

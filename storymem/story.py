@@ -167,10 +167,14 @@ class ShotRecord(BaseModel):
     drop: int = Field(description="Leading frames dropped when stitching (overlap with the previous shot).")
     video: str
     keyframes: list[dict] = Field(
-        description="Frames of this shot taken into memory: {frame, key}. Chosen among the frames the final video "
-        "keeps (after the `drop` overlap frames); `frame` counts from the start of the stored shot video."
+        description="Frames of this shot taken into memory: {frame, key, aesthetic, similarity_prev}. Chosen among "
+        "the frames the final video keeps (after the `drop` overlap frames); `frame` counts from the start of the "
+        "stored shot video (the scores are absent in manifests written before they existed; see keyframe_scores)."
     )
-    memory_used: list[dict] = Field(description="The memory this shot was conditioned on (bank before it).")
+    memory_used: list[dict] = Field(
+        description="The memory this shot was conditioned on (the bank before it, MemoryBank.describe(): "
+        "{shot, frame, source, slot: sink|window, height, width})."
+    )
     memory_after: str = Field(description="Key of the bank description after this shot.")
     memory_state: str = Field(description="Key of the lossless bank after this shot.")
     timings: dict = Field(default_factory=dict)
@@ -268,6 +272,22 @@ def shot_mode(index: int, cut: bool, transition: TransitionMode, has_references:
     if not cut and transition == TransitionMode.MM2V:
         return "mm2v"
     return "m2v"
+
+
+def keyframe_scores(embeddings, quality, selected: list[int]) -> list[dict]:
+    """Why each selected frame was kept, for readers of the manifest and the storyboard:
+    `aesthetic` (the scorer's quality score) and `similarity_prev`, the CLIP cosine similarity to the
+    previous keyframe of the same shot (None for the first), the criterion of the selection chain."""
+    emb = np.asarray(embeddings, dtype=np.float32)
+    norms = np.linalg.norm(emb, axis=-1, keepdims=True)
+    emb = emb / np.where(norms == 0, 1.0, norms)
+    q = None if quality is None else np.asarray(quality, dtype=np.float64).reshape(-1)
+    out = []
+    for j, i in enumerate(selected):
+        sim = None if j == 0 else round(float(emb[i] @ emb[selected[j - 1]]), 4)
+        aesthetic = None if q is None or i >= q.size else round(float(q[i]), 4)
+        out.append({"aesthetic": aesthetic, "similarity_prev": sim})
+    return out
 
 
 def _jpeg(image: np.ndarray) -> bytes:
@@ -511,15 +531,20 @@ class StoryRunner:
         t0 = time.perf_counter()
         self._check_fence()
         L = self.layout
-        drop = 0 if k == 0 else overlap_frames(shot.cut, self.settings.transition)
         # An IDR frame where the stitched part of the shot begins lets stitching copy packets.
         video = encode_video(frames, fps=self.settings.fps, keyframes=[drop] if drop else None)
         self.store.put_bytes(L.shot(k), video, "video/mp4")
         keyframes = []
-        for j, i in enumerate(selected):
+        for j, (i, scores) in enumerate(zip(selected, keyframe_scores(embeddings, quality, selected))):
             self.store.put_bytes(L.keyframe(k, j), _jpeg(frames[i]), "image/jpeg")
-            keyframes.append({"frame": int(i), "key": L.keyframe(k, j)})
-        description = {"shot": k, "selected": [int(i) for i in selected], "bank": bank.describe()}
+            keyframes.append({"frame": int(i), "key": L.keyframe(k, j), **scores})
+        description = {
+            "shot": k,
+            "selected": [int(i) for i in selected],
+            "keyframes": keyframes,
+            "conditioned_on": memory_used,
+            "bank": bank.describe(),
+        }
         self.store.put_bytes(L.memory(k), json.dumps(description, indent=2).encode(), "application/json")
         self.store.put_bytes(L.memory_state(k), bank.to_bytes(), "application/octet-stream")
         record = ShotRecord(

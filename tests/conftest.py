@@ -56,3 +56,40 @@ def ray_local():
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+# --- Browser (headless Chromium from Debian, driven by Playwright) -------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+# Root needs --no-sandbox; the rest keep Chromium from dialling Google's hosts on a closed network.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for the session (`make test` installs Debian's chromium)."""
+    import os
+
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs it (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture(scope="session")
+def artifacts():
+    """Where browser tests save screenshots: $STORYMEM_TEST_ARTIFACTS or out/test-artifacts."""
+    import os
+    from pathlib import Path
+
+    root = Path(os.environ.get("STORYMEM_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "out" / "test-artifacts"))
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"\nbrowser test artifacts: {root}")
+    return root

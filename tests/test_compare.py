@@ -99,6 +99,8 @@ def test_side_by_side_video_and_contact_sheet(bucket, tmp_path):
 
     files = write_comparison(runs, tmp_path / "both")
     assert probe_video(files["side by side"])["frames"] == 3 * 9 and Image.open(files["contact sheet"]).size[1] == 2 * (3 * 32 + 18) + 6
+    board = files["storyboard"].read_text()  # the page of the run with memory, the other run beside it
+    assert files["storyboard"].parent == runs[WITH_MEMORY] and MEMORY_REMOVED in board
 
     sheet = Image.open(contact_sheet(runs, tmp_path / "sheet.png", scale=2))
     assert sheet.size == (150 + 3 * 2 * 48 + 2 * 6, 2 * (2 * 32 + 18) + 6)
