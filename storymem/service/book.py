@@ -551,7 +551,8 @@ class JobBook:
         if manifest is None:
             return []
         return [
-            {"index": r.index, "mode": r.mode, "memory_used": r.memory_used, "keyframes": r.keyframes,
+            {"index": r.index, "mode": r.mode, "prompt": r.prompt, "cut": r.cut, "frames": r.frames,
+             "memory_used": r.memory_used, "keyframes": r.keyframes,
              "memory_after": r.memory_after}  # fmt: skip
             for r in manifest.shots
         ]

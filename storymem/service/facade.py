@@ -378,7 +378,10 @@ class StoryService:
                 out.append(dict(record, keyframes=keyframes, memory_used=used))
             return out
 
-        return {"id": story_id, "expires_s": seconds, "shots": await self._storage(sign)}
+        from storymem.board import stored_story
+
+        stored = await self._storage(stored_story, self.store, story_id)
+        return {"id": story_id, "expires_s": seconds, "shots": await self._storage(sign), **stored}
 
 
 # What an in-cluster caller may invoke on the ingress deployment (trusted: it runs as the admin).
