@@ -66,9 +66,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run", "--disable-quic"]  # fmt: skip
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """One headless Chromium for the session (`make test` installs Debian's chromium)."""
+    """One headless Chromium per test module (`make test` installs Debian's chromium). Not per
+    session: Playwright's sync API keeps an event loop running in the main thread while it is open,
+    and later modules' asyncio.run() would refuse to start."""
     import os
 
     if not os.access(CHROMIUM, os.X_OK):

@@ -12,6 +12,7 @@ from storymem.local import run_story
 from storymem.memory import MemoryBank
 from storymem.pipeline import build_pipeline
 from storymem.scoring import Scorer
+from storymem.service.contract import StoryState
 from storymem.script import GenerationSettings, load_script
 from storymem.stitch import probe_video, read_video
 from storymem.storage import LocalStore, StoryLayout
@@ -135,7 +136,7 @@ def test_same_seed_same_video_and_resume(models, tmp_path):
     layout = StoryLayout("Test-story", prefix="")
     manifest = read_manifest(store, layout)
     manifest.shots = manifest.shots[:2]
-    manifest.state, manifest.final = "running", None
+    manifest.state, manifest.final = StoryState.RUNNING, None
     store.put_bytes(layout.manifest, manifest.model_dump_json().encode())
     (tmp_path / "a" / "final.mp4").unlink()
 
