@@ -481,20 +481,7 @@ class S3Store:
                 raise StorageError(f"S3 {what} failed: {e}") from None
 
     def get_bytes(self, key: str) -> bytes:
-        validate_key(key)
-
-        def get() -> bytes:
-            response = self._client.get_object(self.bucket, key)
-            try:
-                return response.read()
-            finally:
-                response.close()
-                response.release_conn()
-
-        try:
-            return self._call(f"get {key!r}", get)
-        except _Missing:
-            raise KeyError(key) from None
+        return self.get_versioned(key)[0]
 
     def get_versioned(self, key: str) -> tuple[bytes, str]:
         """The object's bytes and ETag; KeyError when missing."""
