@@ -38,7 +38,8 @@ with LocalS3Server(sys.argv[1]) as s3:
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "include_dashboard": False, "object_store_memory": 200 * 1024**2,
         "temp_dir": tempfile.mkdtemp(prefix="rc-"), "node_ip_address": "127.0.0.1"})
-    workers = [cluster.add_node(num_cpus=1, resources={"gen": 1}, object_store_memory=100 * 1024**2)
+    # Two CPUs a worker: the scorer (1 CPU) may land on a worker too, and its generator must still fit.
+    workers = [cluster.add_node(num_cpus=2, resources={"gen": 1}, object_store_memory=100 * 1024**2)
                for _ in range(2)]
     ray.init(address=cluster.address, logging_level=logging.ERROR, log_to_driver=False)
     cfg = StoryMemConfig(storage=s3.storage_config("mn-" + uuid.uuid4().hex[:8]), engine=EngineConfig(
