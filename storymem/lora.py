@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 # Wan native module path (inside a block) -> diffusers module path.
-_NATIVE_TO_DIFFUSERS = {
+NATIVE_TO_DIFFUSERS = {
     "self_attn.q": "attn1.to_q",
     "self_attn.k": "attn1.to_k",
     "self_attn.v": "attn1.to_v",
@@ -36,7 +36,7 @@ _NATIVE_TO_DIFFUSERS = {
     "ffn.0": "ffn.net.0.proj",
     "ffn.2": "ffn.net.2",
 }
-_DIFFUSERS_TARGETS = set(_NATIVE_TO_DIFFUSERS.values())
+_DIFFUSERS_TARGETS = set(NATIVE_TO_DIFFUSERS.values())
 
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?:diffusion_model\.|transformer\.|model\.)?"
@@ -76,8 +76,8 @@ def convert_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
             bad.append(key)
             continue
         module = m["module"]
-        if module in _NATIVE_TO_DIFFUSERS:
-            module = _NATIVE_TO_DIFFUSERS[module]
+        if module in NATIVE_TO_DIFFUSERS:
+            module = NATIVE_TO_DIFFUSERS[module]
         elif module not in _DIFFUSERS_TARGETS:
             bad.append(key)
             continue
@@ -151,7 +151,7 @@ def native_lora_state_dict(transformer, rank: int, prefix: str = "base_model.mod
     """A random LoRA state dict with the released files' key names and shapes for `transformer`.
 
     Used by tests and benchmarks to exercise the loader without the released weights."""
-    inverse = {v: k for k, v in _NATIVE_TO_DIFFUSERS.items()}
+    inverse = {v: k for k, v in NATIVE_TO_DIFFUSERS.items()}
     out = {}
     for name, module in transformer.named_modules():
         m = re.match(r"^blocks\.(\d+)\.(.+)$", name)

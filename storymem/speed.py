@@ -494,27 +494,22 @@ def describe(speed: SpeedConfig) -> str:
     return f"{speed.preset or 'custom'} " + re.sub(r"\s+", " ", str(d))
 
 
-# Wan native names of the modules the LightX2V files touch, from diffusers' names.
-_DIFFUSERS_TO_NATIVE = {
-    "attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v", "attn1.to_out.0": "self_attn.o",
-    "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k", "attn2.to_v": "cross_attn.v", "attn2.to_out.0": "cross_attn.o",
-    "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
-}
-
-
 def synthetic_lightx2v_lora(transformer, rank: int = 4, alpha: float | None = None, seed: int = 0, scale: float = 0.05) -> dict:
     """A random LoRA in the key format the LightX2V / Wan2.2-Lightning files are published in
     (`diffusion_model.blocks.N.self_attn.q.lora_down.weight`, `lora_up`, `alpha`, `diff_b` biases),
     shaped for `transformer`. For tests and benchmarks: the real files cannot be downloaded here."""
     import torch
 
+    from .lora import NATIVE_TO_DIFFUSERS
+
+    to_native = {v: k for k, v in NATIVE_TO_DIFFUSERS.items()}
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name, module in transformer.named_modules():
         m = re.match(r"^blocks\.(\d+)\.(.+)$", name)
-        if not m or m.group(2) not in _DIFFUSERS_TO_NATIVE:
+        if not m or m.group(2) not in to_native:
             continue
-        key = f"diffusion_model.blocks.{m.group(1)}.{_DIFFUSERS_TO_NATIVE[m.group(2)]}"
+        key = f"diffusion_model.blocks.{m.group(1)}.{to_native[m.group(2)]}"
         out[f"{key}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=gen) * scale
         out[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=gen) * scale
         out[f"{key}.alpha"] = torch.tensor(float(rank if alpha is None else alpha))
@@ -527,13 +522,13 @@ def manual_merge(transformer, native: dict, weight: float = 1.0) -> None:
     the reference the converted, peft-loaded adapter must reproduce."""
     import torch
 
-    inverse = {v: k for k, v in _DIFFUSERS_TO_NATIVE.items()}
+    from .lora import NATIVE_TO_DIFFUSERS as to_diffusers
     modules = dict(transformer.named_modules())
     with torch.no_grad():
         for key in [k for k in native if k.endswith(".lora_down.weight")]:
             base = key[: -len(".lora_down.weight")]
             block, native_mod = re.match(r"^diffusion_model\.blocks\.(\d+)\.(.+)$", base).groups()
-            module = modules[f"blocks.{block}.{inverse[native_mod]}"]
+            module = modules[f"blocks.{block}.{to_diffusers[native_mod]}"]
             down, up = native[key].float(), native[f"{base}.lora_up.weight"].float()
             alpha = float(native[f"{base}.alpha"]) if f"{base}.alpha" in native else down.shape[0]
             module.weight += (weight * alpha / down.shape[0] * (up @ down)).to(module.weight.dtype)
