@@ -115,6 +115,8 @@ def test_sign_in_submit_watch_play_and_inspect(site, stack, artifacts):  # noqa:
     _submit(page, THREE, TINY)
     story = _story_id(page)
     page.wait_for_function("document.getElementById('progress-text')?.dataset.phase === 'done'", timeout=240_000)
+    # The phase attribute and the line's text change in separate updates: wait until the observer saw the text.
+    page.wait_for_function("window.__progress.includes('done: 3 of 3 shots')", timeout=30_000)
     seen = page.evaluate("window.__progress")
     assert any("shot 1 of 3" in t for t in seen) and any("shot 3 of 3" in t for t in seen), seen
     steps = [t for t in seen if "step " in t]
