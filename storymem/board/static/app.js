@@ -504,8 +504,13 @@
       }).then(function () {
         if (!alive) return;
         draw();
-        if (!streaming) showProgress({ phase: status.phase || status.state, shot: status.current_shot, step: status.step, steps_total: status.steps_total, shots_total: status.shots_total });
-        if (!status || ["done", "failed", "cancelled"].indexOf(status.state) < 0) follow();
+        // A finished story's state wins over its last progress phase (the status keeps the phase of the
+        // last event before the end, e.g. commit).
+        var ended = status.state === "done" || status.state === "failed" || status.state === "cancelled";
+        if (!streaming && !(finalEvent && !ended)) showProgress({ phase: ended ? status.state : (status.phase || status.state), message: status.error, shot: status.current_shot, step: status.step, steps_total: status.steps_total, shots_total: status.shots_total });
+        // The stream ended the story but the (briefly cached) status does not say so yet: ask again.
+        if (!ended && finalEvent) timer = setTimeout(refresh, 300);
+        else if (!ended) follow();
       }).catch(function (err) {
         if (alive && err.status !== 401) message.textContent = err.message;
       }).then(function () {
@@ -513,6 +518,8 @@
         if (again && alive) { again = false; refresh(); }
       });
     }
+
+    var finalEvent = null; // the stream's terminal event, until the status agrees
 
     function follow() {
       if (streaming || !alive) return;
@@ -522,7 +529,8 @@
         var e = JSON.parse(data);
         if (seq) lastSeq = Math.max(lastSeq, seq);
         if (e.phase === "commit" || e.phase === "start" || e.phase === "stitch") refresh();
-        if (["done", "failed", "cancelled"].indexOf(e.phase) >= 0) refresh();
+        finalEvent = ["done", "failed", "cancelled"].indexOf(e.phase) >= 0 ? e : null;
+        if (finalEvent) refresh();
         showProgress(e);
       }, abort.signal).then(function () {
         streaming = false;
@@ -542,7 +550,7 @@
     resume.addEventListener("click", function () {
       resume.disabled = true;
       message.textContent = "";
-      api("POST", "/v1/stories/" + id + "/resume").then(function (s) { status = s; finalLink = null; buttons(); follow(); refresh(); })
+      api("POST", "/v1/stories/" + id + "/resume").then(function (s) { status = s; finalLink = null; finalEvent = null; buttons(); follow(); refresh(); })
         .catch(function (err) { message.textContent = err.message; buttons(); });
     });
 
