@@ -442,7 +442,7 @@ class _Ingress:
     (Serve's late-bound ingress); its handle methods, FACADE_METHODS, serve `EngineClient`."""
 
     def __init__(self, cfg: StoryMemConfig):
-        self.service = connect(cfg)
+        self.service = connect(cfg.with_secrets())  # the deployment argument holds none: this replica's env does
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.service)
@@ -506,7 +506,7 @@ def ingress_app(cfg: StoryMemConfig):
         num_replicas=s.ingress_replicas,
         max_ongoing_requests=s.max_ongoing_requests,
         ray_actor_options={"num_cpus": s.ingress_num_cpus},
-    ).bind(cfg)
+    ).bind(cfg.without_secrets())  # Serve keeps it in Ray's GCS
 
 
 # An app without an engine: its OpenAPI document (`python -c "import serve_app, json;

@@ -5,17 +5,21 @@ from __future__ import annotations
 from .api import ENGINE_NAME, EngineFull, StoryConflict, StoryNotFound, StoryState, StoryStatus, get_engine
 
 
-def init_local_ray(temp_dir: str, num_cpus: int | None = None, object_store_mb: int = 500):
+def init_local_ray(temp_dir: str, num_cpus: int | None = None, object_store_mb: int = 500, storage=None):
     """A private, quiet local Ray for one process (demo, tests, benches): its own temp dir, no
     dashboard, bound to 127.0.0.1, never attaching to another cluster on the machine.
 
     Token auth is disabled unless the environment says otherwise: with it, ray.init writes
     ~/.ray/auth_token and later Ray CLI calls on the machine demand that token.
     temp_dir should be short: Ray's unix socket paths are limited to 107 bytes.
+    storage (a StorageConfig): its keys are exported first, so that the workers, which inherit this
+    process's environment, open the store without the keys riding in actor arguments.
     """
     import logging
     import os
 
+    if storage is not None:
+        storage.export_credentials()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
@@ -60,7 +64,7 @@ def start_engine(cfg=None, detached: bool | None = None, wait: bool = True, time
             max_restarts=-1,  # a restarted engine rebuilds its story list from storage
             max_concurrency=1000,  # long-polls wait inside the actor
             num_cpus=0,
-        ).remote(cfg)
+        ).remote(cfg.without_secrets())  # Ray keeps actor arguments in its GCS: the actors read secrets from env
     if wait:
         ray.get(handle.wait_ready.remote(timeout))
     return handle

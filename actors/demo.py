@@ -85,7 +85,7 @@ def run_demo(story: Path, out: Path, data: Path, quiet: bool = False, compare: b
     ray_dir = tempfile.mkdtemp(prefix="storymem-ray-")  # short: Ray's socket paths are length-limited
     with server:
         print(f"S3 (SeaweedFS) at http://{server.endpoint}, data in {server.data_dir}", flush=True)
-        init_local_ray(ray_dir)
+        init_local_ray(ray_dir, storage=server.storage_config())
         try:
             cfg = StoryMemConfig(
                 storage=server.storage_config("storymem"), engine=EngineConfig(namespace="storymem-demo")

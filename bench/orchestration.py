@@ -97,7 +97,7 @@ def run(n_stories: int, n_generators: int, n_shots: int) -> dict:
     server = LocalS3Server(work / "s3", access_key=f"bench-{secrets.token_hex(4)}")
     results: dict = {}
     with server:
-        init_local_ray(work / "ray", num_cpus=n_generators + 2)  # generators 1 each, one scorer, slack
+        init_local_ray(work / "ray", num_cpus=n_generators + 2, storage=server.storage_config())  # generators 1 each, one scorer, slack
         try:
             cfg = StoryMemConfig(
                 storage=server.storage_config("bench"),

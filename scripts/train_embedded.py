@@ -9,7 +9,10 @@ Stages (each skipped when its output is already in --workdir, so an interrupted 
 3. train the M2V transformer from scratch with storymem.training (full training, memory from other
    shots of the same story, velocity loss on shot frames only, sigma uniform over the whole range);
    the text encoder stays frozen random;
-4. write the bundle (models.save_bundle format) to --out, the transformer in both expert slots.
+4. write the bundle (models.save_bundle format) to --out, the transformer in both expert slots;
+5. train the embedded scorer (storymem.training.scorer_recipe: the tiny CLIP image tower and the
+   aesthetic head, on training clips through the trained VAE, some faded toward their background)
+   and write it to --scorer-out, which ScoringConfig's embedded_scorer 'trained' loads.
 
 One transformer serves both experts: at this size a model per half of the noise range would see
 half the data each for no gain, and the pipeline's two-expert switch still runs on the demo.
@@ -35,7 +38,7 @@ import numpy as np
 import torch
 
 from storymem import models, toyworld
-from storymem.config import ModelConfig
+from storymem.config import EMBEDDED_QUALITY_THRESHOLD, EMBEDDED_SCORER, ModelConfig, ScoringConfig
 from storymem.models import TinyWanConfig
 from storymem.training import TrainConfig, Trainer, fresh_copy, normalise_vae_latents, reinit_autoencoder, train_vae
 
@@ -47,6 +50,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/storymem-train-embedded"))
     p.add_argument("--out", type=Path, default=models.EMBEDDED_BUNDLE)
+    p.add_argument("--scorer-out", type=Path, default=EMBEDDED_SCORER)
+    p.add_argument("--scorer-clips", type=int, default=400, help="training clips the scorer sees (13 frames each)")
+    p.add_argument("--scorer-steps", type=int, default=600)
+    p.add_argument(
+        "--stages", default="transformer,scorer",
+        help="what to train after the data and the VAE (always made or loaded from --workdir): transformer, scorer or both",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stories", type=int, default=400, help="training stories")
     p.add_argument("--shots", type=int, default=5, help="shots (clips) per training story")
@@ -57,7 +67,10 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3500, help="transformer optimizer steps")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=4e-3)
-    p.add_argument("--max-memory", type=int, default=4)
+    p.add_argument("--max-memory", type=int, default=4, help="most memory frames of a training sample")
+    p.add_argument("--motion-prob", type=float, default=0.5, help="share of samples conditioned on their first frame (MI2V)")
+    p.add_argument("--memory-dropout", type=float, default=0.1, help="share of steps without memory")
+    p.add_argument("--first-frame-weight", type=float, default=1.0, help="loss weight of a shot's first latent frame")
     p.add_argument("--threads", type=int, default=1, help="1 beats 2 on a busy 2-core machine")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument(
@@ -125,7 +138,8 @@ def stage_vae(args, components, clips: np.ndarray) -> dict:
     phase 2: whole 13-frame clips, so that the causal encoder/decoder also learn the chunks that
     follow a chunk (their cache comes from 4 frames, not from the first one)."""
     vae = reinit_autoencoder(fresh_copy(components["vae"], args.seed + 100), args.seed + 100).to(args.device)
-    report = {}
+    previous = args.workdir / "vae_report.json"
+    report = json.loads(previous.read_text()) if previous.exists() else {}  # a cached phase keeps its timing
     report.update(_vae_phase(args, vae, clips, args.workdir / "vae_phase1.safetensors", args.vae_steps, args.vae_lr, args.vae_batch, (5, 40, 48), 7))
     n_frames = clips.shape[1]
     report.update(
@@ -148,6 +162,67 @@ def stage_vae(args, components, clips: np.ndarray) -> dict:
     return {"vae": vae.cpu()}
 
 
+def stage_scorer(args, vae, clips: np.ndarray, manifest: Path) -> dict:
+    """Train the embedded scorer on clips through the trained VAE; a quarter of them faded to at most
+    half strength and a quarter to at least half (blank, faint and clear characters alike)."""
+    import pyarrow.parquet as pq
+    from safetensors.torch import save_file
+
+    from storymem.scoring import Scorer, embedded_scorer_state
+    from storymem.training.scorer_recipe import blend_toward_background, train_toy_scorer, visibility_labels
+
+    t0 = time.perf_counter()
+    groups = pq.read_table(manifest).column("group_id").to_pylist()
+    label_of = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+    rng = np.random.default_rng([args.seed, 11])
+    n = len(clips)
+    held = np.arange(n - 64, n)  # the VAE's held-out clips
+    pick = np.concatenate([rng.choice(n - 64, size=min(args.scorer_clips, n - 64), replace=False), held])
+    u = rng.random(len(pick))
+    alphas = np.where(u < 0.5, 1.0, np.where(u < 0.75, rng.uniform(0.0, 0.5, len(pick)), rng.uniform(0.5, 1.0, len(pick))))
+    faded = blend_toward_background(clips[pick], alphas)
+    vae = vae.to(args.device).eval()
+    decoded = []
+    with torch.no_grad():
+        for i in range(0, len(faded), 16):
+            x = torch.from_numpy(faded[i : i + 16]).float().div(127.5).sub(1.0).permute(0, 4, 1, 2, 3).to(args.device)
+            y = vae.decode(vae.encode(x).latent_dist.mode()).sample
+            decoded.append(((y.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy())
+    vae.cpu()
+    video = np.concatenate(decoded)
+    frames = video.reshape(-1, *video.shape[2:])
+    chars = np.repeat([label_of[groups[i]] for i in pick], video.shape[1])
+    visible = visibility_labels(frames)
+    train = np.arange(len(frames)) < (len(pick) - len(held)) * video.shape[1]
+    scorer = Scorer(ScoringConfig(clip_model="tiny", embedded_scorer="seeded", device=args.device))
+    train_toy_scorer(scorer, frames[train], chars[train], visible[train], args.scorer_steps, seed=args.seed)
+    emb, score = scorer.score_frames(frames[~train])
+    v, c = visible[~train] > 0.5, chars[~train]
+    kept = score >= EMBEDDED_QUALITY_THRESHOLD
+    e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    sim = e @ e.T
+    both = v[:, None] & v[None, :]
+    same = (c[:, None] == c[None, :]) & both & ~np.eye(len(c), dtype=bool)
+    other = (c[:, None] != c[None, :]) & both
+    args.scorer_out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.scorer_out.with_name(args.scorer_out.name + ".tmp")
+    save_file(embedded_scorer_state(scorer), str(tmp))
+    os.replace(tmp, args.scorer_out)
+    report = {
+        "scorer_seconds": round(time.perf_counter() - t0, 1),
+        "heldout_frames": int((~train).sum()),
+        "heldout_visible_share": round(float(v.mean()), 3),
+        "blank_frames_kept": round(float((kept & ~v).sum() / max(1, (~v).sum())), 4),
+        "visible_frames_dropped": round(float((~kept & v).sum() / max(1, v.sum())), 4),
+        "cosine_same_character": round(float(sim[same].mean()), 3),
+        "cosine_other_character": round(float(sim[other].mean()), 3),
+        "scorer": str(args.scorer_out),
+    }
+    (args.workdir / "scorer_report.json").write_text(json.dumps(report, indent=2))
+    log.info("scorer: %s", report)
+    return report
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
@@ -163,6 +238,14 @@ def main(argv=None) -> int:
     # frozen text encoder is the seeded one either way.
     components, _ = models.build_embedded(ModelConfig(embedded_weights="random"))
     components.update(stage_vae(args, components, clips))
+    stages = {x.strip() for x in args.stages.split(",") if x.strip()}
+    if stages - {"transformer", "scorer"}:
+        raise SystemExit(f"--stages: unknown {sorted(stages - {'transformer', 'scorer'})}; expected transformer, scorer")
+    if "scorer" in stages:
+        stage_scorer(args, components["vae"], clips, manifest)
+    if "transformer" not in stages:
+        log.info("done in %.1fs (no transformer stage)", time.perf_counter() - t_start)
+        return 0
     for k, name in enumerate(("transformer", "transformer_2")):
         components[name] = fresh_copy(components[name], args.seed + k)
     stage1 = args.workdir / "stage1.safetensors"
@@ -186,7 +269,7 @@ def main(argv=None) -> int:
         min_memory=1,
         max_memory=args.max_memory,
         memory_candidates=4,
-        memory_dropout=0.1,
+        memory_dropout=args.memory_dropout,
         memory_mask="sink_window",  # the shipped bundle's training (the embedded profile samples with it)
         text_dropout=0.1,
         uncond_prompts=[models.EMBEDDED_NEGATIVE_PROMPT, ""],  # the tiny tokenizer spells no Chinese
@@ -194,7 +277,8 @@ def main(argv=None) -> int:
         # Half the samples are also conditioned on their own first frame (MI2V), as the Wan I2V base
         # model was pretrained: carrying a conditioned frame's content to moving frames is the
         # attention path that memory then uses; without it the from-scratch model ignores memory.
-        motion_prob=0.5,
+        motion_prob=args.motion_prob,
+        first_frame_loss_weight=args.first_frame_weight,
         seed=args.seed,
         save_every=500,
         log_every=50,
@@ -208,14 +292,14 @@ def main(argv=None) -> int:
     before = trainer.eval_loss(val_steps)
     if args.time_budget:
         # Time steps 10..30: the first ones pay for warm-up (CUDA kernels, allocator), 3x slower on an H100.
-        t_start, warm, probe = time.perf_counter(), 10, 20
+        t_probe, warm, probe = time.perf_counter(), 10, 20
         for _ in range(warm):
             trainer.train_step()
         t0 = time.perf_counter()
         for _ in range(probe):
             trainer.train_step()
         per_step = (time.perf_counter() - t0) / probe
-        steps = max(warm + probe + 1, warm + probe + int((args.time_budget - (time.perf_counter() - t_start)) / per_step))
+        steps = max(warm + probe + 1, warm + probe + int((args.time_budget - (time.perf_counter() - t_probe)) / per_step))
         trainer.cfg = trainer.cfg.model_copy(update={"steps": steps})  # the LR schedule reads cfg.steps
         log.info("%.3f s per step: %d steps fit in %.0f s", per_step, steps, args.time_budget)
     summary = trainer.train()

@@ -23,6 +23,10 @@ from .speed import SpeedConfig
 # V2 subsets (4.5+). The authors filter with HPSv3 >= 3.0 on another scale; both only drop clearly poor
 # frames (blur, black, broken ones): the paper's videos average ~6.1 here (aesthetic quality 0.6133 x 10).
 LAION_AESTHETIC_THRESHOLD = 4.5
+# The embedded scorer trained on the synthetic world (storymem.training.scorer_recipe) scores a frame 10
+# where toyworld's detector finds the character and 0 where it finds none: the cut is half-way.
+EMBEDDED_QUALITY_THRESHOLD = 5.0
+EMBEDDED_SCORER = Path(__file__).resolve().parent / "assets" / "tiny_scorer.safetensors"
 
 
 class _Strict(BaseModel):
@@ -146,15 +150,21 @@ class MemoryConfig(_Strict):
         "auto",
         description="Aesthetic score a keyframe must reach; a shot where no frame reaches it adds no keyframe. "
         f"'auto': {LAION_AESTHETIC_THRESHOLD} (LAION aesthetic predictor scale, about 1..10) when "
-        "scoring.aesthetic_weights is configured, else no filter (the embedded scorer's random head scores mean "
-        "nothing); StoryMemConfig resolves it, a MemoryConfig used alone filters nothing. None: no filter.",
+        f"scoring.aesthetic_weights is configured; {EMBEDDED_QUALITY_THRESHOLD} with the trained embedded scorer "
+        "(its head scores toy-world character visibility, 0 or 10); no filter with the seeded one (its scores mean "
+        "nothing). StoryMemConfig resolves it, a MemoryConfig used alone filters nothing. None: no filter.",
     )
 
     def resolved(self, scoring: "ScoringConfig") -> "MemoryConfig":
         """A copy with 'auto' replaced by the threshold that fits this scorer."""
         if self.quality_threshold != "auto":
             return self
-        value = LAION_AESTHETIC_THRESHOLD if scoring.aesthetic_weights is not None else None
+        if scoring.aesthetic_weights is not None:
+            value = LAION_AESTHETIC_THRESHOLD
+        elif scoring.uses_trained_embedded:
+            value = EMBEDDED_QUALITY_THRESHOLD
+        else:
+            value = None
         return self.model_copy(update={"quality_threshold": value})
 
 
@@ -163,7 +173,14 @@ class ScoringConfig(_Strict):
 
     clip_model: str = Field("ViT-B-32", description="open_clip architecture name, or 'tiny' for the embedded one.")
     clip_weights: Path | None = Field(
-        None, description="Local open_clip checkpoint for clip_model. None: 'tiny' random CLIP (seeded)."
+        None, description="Local open_clip checkpoint for clip_model. None: the embedded tiny CLIP (see embedded_scorer)."
+    )
+    embedded_scorer: Literal["trained", "seeded"] = Field(
+        "trained",
+        description="Weights of the embedded tiny CLIP image tower and aesthetic head when clip_weights is unset: "
+        "'trained' (storymem/assets/tiny_scorer.safetensors, trained on the synthetic world by "
+        "scripts/train_embedded.py: characters apart, a head that scores whether a character is visible; the "
+        "seeded weights when the file is absent), 'seeded' (fixed random weights: every frame alike).",
     )
     aesthetic_weights: Path | None = Field(
         None, description="Local LAION-style aesthetic MLP state dict on CLIP image embeddings."
@@ -176,6 +193,17 @@ class ScoringConfig(_Strict):
     )
     batch_size: int = Field(32, ge=1, le=1024, description="Frames per CLIP forward.")
     device: str = Field("cpu", description="Device for the scorer models.")
+
+    @property
+    def uses_trained_embedded(self) -> bool:
+        """The tiny CLIP and head come from the trained embedded scorer file."""
+        return (
+            self.clip_weights is None and self.aesthetic_weights is None
+            and self.embedded_scorer == "trained" and EMBEDDED_SCORER.is_file()
+        )
+
+
+_S3_KEY_ENV = (("access_key", "STORYMEM_S3_ACCESS_KEY"), ("secret_key", "STORYMEM_S3_SECRET_KEY"))
 
 
 class StorageConfig(_Strict):
@@ -195,6 +223,44 @@ class StorageConfig(_Strict):
     read_timeout_s: float = Field(
         120.0, gt=0, le=3600, description="Socket read timeout of one S3 request (a stalled transfer retries)."
     )
+
+    credentials_from_env: bool = Field(
+        False,
+        description="Set by without_credentials, not by hand: the keys are not in this object, and each process "
+        "that opens the store reads STORYMEM_S3_ACCESS_KEY / STORYMEM_S3_SECRET_KEY from its own environment.",
+    )
+
+    def without_credentials(self) -> "StorageConfig":
+        """The copy that may cross a process boundary. Ray keeps actor and deployment arguments in its
+        GCS (in Redis with fault tolerance) and the dashboard shows them, so the keys stay out; each
+        actor reads them from its environment (Kubernetes: a Secret on every Ray pod; a local Ray: the
+        driver's environment when Ray started, see export_credentials)."""
+        if self.credentials_from_env or not (self.access_key.get_secret_value() or self.secret_key.get_secret_value()):
+            return self
+        return self.model_copy(update={"access_key": SecretStr(""), "secret_key": SecretStr(""), "credentials_from_env": True})
+
+    def with_credentials(self) -> "StorageConfig":
+        """Keys back from this process's environment when without_credentials removed them."""
+        if not self.credentials_from_env:
+            return self
+        values = {}
+        for name, var in _S3_KEY_ENV:
+            value = os.environ.get(var)
+            if not value:
+                raise ValueError(
+                    f"storage.{name}: not in this process's environment ({var}). The engine's actors read the S3 "
+                    "keys from their environment, not from their arguments: on Kubernetes set it from the S3 Secret "
+                    "on every Ray pod; on a local Ray, export it before Ray starts (actors.init_local_ray(storage=...))"
+                )
+            values[name] = SecretStr(value)
+        return self.model_copy(update={**values, "credentials_from_env": False})
+
+    def export_credentials(self, environ: dict | None = None) -> None:
+        """Put the keys where processes started later read them (os.environ by default)."""
+        environ = os.environ if environ is None else environ
+        cfg = self.with_credentials()
+        for name, var in _S3_KEY_ENV:
+            environ[var] = getattr(cfg, name).get_secret_value()
 
     @classmethod
     def from_env(cls, **overrides) -> "StorageConfig":
@@ -324,6 +390,12 @@ class ServiceConfig(_Strict):
         "{tenant: key}, or a file named by STORYMEM_API_KEYS_FILE). A key's stories are its tenant's; "
         "api_token stays the admin key, which sees every story.",
     )
+    secrets_from_env: bool = Field(
+        False,
+        description="Set by without_secrets, not by hand: api_token and api_keys are not in this object, and the "
+        "process that serves the API reads them from its environment (STORYMEM_API_TOKEN, STORYMEM_API_KEYS or "
+        "STORYMEM_API_KEYS_FILE).",
+    )
     status_cache_s: float = Field(
         0.25,
         ge=0,
@@ -331,6 +403,42 @@ class ServiceConfig(_Strict):
         description="GET /v1/stories/{id} answers from a replica-local copy of the status this young; "
         "concurrent polls of one story share one engine call. 0: always ask the engine.",
     )
+
+
+    def without_secrets(self) -> "ServiceConfig":
+        """The copy that may be a Serve deployment's argument (kept in Ray's GCS): no token, no keys."""
+        if self.secrets_from_env or (self.api_token is None and not self.api_keys):
+            return self
+        return self.model_copy(update={"api_token": None, "api_keys": {}, "secrets_from_env": True})
+
+    def with_secrets(self) -> "ServiceConfig":
+        """Token and keys back from this process's environment when without_secrets removed them."""
+        if not self.secrets_from_env:
+            return self
+        out = _service_secrets_from_env(self.model_copy(update={"secrets_from_env": False}))
+        if out.api_token is None and not out.api_keys:
+            raise ValueError(
+                "service.api_token: not in this process's environment (STORYMEM_API_TOKEN, or tenant keys in "
+                "STORYMEM_API_KEYS / STORYMEM_API_KEYS_FILE); the API replicas read them from their environment, "
+                "not from their arguments: on Kubernetes from the API Secret on every Ray pod"
+            )
+        return out
+
+
+def _service_secrets_from_env(v: ServiceConfig) -> ServiceConfig:
+    if v.api_token is None and os.environ.get("STORYMEM_API_TOKEN"):
+        v.api_token = SecretStr(os.environ["STORYMEM_API_TOKEN"])
+    if not v.api_keys:
+        keys = os.environ.get("STORYMEM_API_KEYS")
+        path = os.environ.get("STORYMEM_API_KEYS_FILE")
+        if not keys and path:
+            keys = Path(path).read_text()
+        if keys:
+            data = json.loads(keys)
+            if not isinstance(data, dict):
+                raise ValueError("STORYMEM_API_KEYS: expected a JSON object {tenant: key}")
+            v.api_keys = {str(t): SecretStr(str(k)) for t, k in data.items()}
+    return v
 
 
 class StoryMemConfig(_Strict):
@@ -379,19 +487,15 @@ class StoryMemConfig(_Strict):
     @field_validator("service", mode="after")
     @classmethod
     def _token_from_env(cls, v: ServiceConfig) -> ServiceConfig:
-        if v.api_token is None and os.environ.get("STORYMEM_API_TOKEN"):
-            v.api_token = SecretStr(os.environ["STORYMEM_API_TOKEN"])
-        if not v.api_keys:
-            keys = os.environ.get("STORYMEM_API_KEYS")
-            path = os.environ.get("STORYMEM_API_KEYS_FILE")
-            if not keys and path:
-                keys = Path(path).read_text()
-            if keys:
-                data = json.loads(keys)
-                if not isinstance(data, dict):
-                    raise ValueError("STORYMEM_API_KEYS: expected a JSON object {tenant: key}")
-                v.api_keys = {str(t): SecretStr(str(k)) for t, k in data.items()}
-        return v
+        return v if v.secrets_from_env else _service_secrets_from_env(v)
+
+    def without_secrets(self) -> "StoryMemConfig":
+        """The copy that crosses process boundaries (actor and deployment arguments): no S3 keys, no API
+        token or tenant keys. Each process takes them back from its own environment (with_secrets)."""
+        return self.model_copy(update={"storage": self.storage.without_credentials(), "service": self.service.without_secrets()})
+
+    def with_secrets(self) -> "StoryMemConfig":
+        return self.model_copy(update={"storage": self.storage.with_credentials(), "service": self.service.with_secrets()})
 
 
 def load_config(path: str | os.PathLike | None = None, **section_overrides) -> StoryMemConfig:

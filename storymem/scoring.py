@@ -1,8 +1,9 @@
 """CLIP embeddings and aesthetic scores for keyframe selection and evaluation.
 
 Real weights come from local files only (no CLIP or aesthetic weights are on PyPI, and the tests run
-offline). Without them, a tiny open_clip CLIP and a small aesthetic head are built from fixed seeds,
-so every process gets the same embeddings; their scores carry no meaning beyond that.
+offline). Without them, a tiny open_clip CLIP and a small aesthetic head serve: by default with the
+image tower and head trained on the synthetic world (`ScoringConfig.embedded_scorer`), else from fixed
+seeds, so every process gets the same embeddings (the seeded ones carry no meaning beyond that).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
-from .config import ScoringConfig
+from .config import EMBEDDED_SCORER, ScoringConfig
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,20 @@ def _load_state_dict(path: Path, field: str) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{field}: {path} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _section(sd: dict[str, torch.Tensor], prefix: str, field: str) -> dict[str, torch.Tensor]:
+    part = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
+    if not part:
+        raise ValueError(f"{field}: no '{prefix}*' tensors in the file")
+    return part
+
+
+def embedded_scorer_state(scorer: "Scorer") -> dict[str, torch.Tensor]:
+    """What the embedded scorer file holds: the image tower ('visual.*') and the head ('head.*')."""
+    sd = {f"visual.{k}": v for k, v in scorer.model.visual.state_dict().items()}
+    sd.update({f"head.{k}": v for k, v in scorer.head.state_dict().items()})
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
 
 class AestheticHead(nn.Module):
@@ -136,6 +151,9 @@ class Scorer:
             if cfg.clip_model != "tiny":
                 logger.info("scoring: no clip_weights for %s; using the seeded tiny CLIP", cfg.clip_model)
             model = build_tiny_clip()
+            if cfg.uses_trained_embedded:
+                trained = _load_state_dict(EMBEDDED_SCORER, "embedded_scorer")
+                model.visual.load_state_dict(_section(trained, "visual.", "embedded_scorer"))
             if cfg.clip_weights is not None:
                 sd = _load_state_dict(Path(cfg.clip_weights), "clip_weights")
                 try:
@@ -163,6 +181,9 @@ class Scorer:
 
         if cfg.aesthetic_weights is not None:
             head = AestheticHead.from_file(cfg.aesthetic_weights, in_dim=self._embed_dim)
+        elif self.tiny and cfg.uses_trained_embedded:
+            head = AestheticHead.seeded(self._embed_dim, TINY_HIDDEN)  # seeded: the global RNG stays as it was
+            head.load_state_dict(_section(trained, "head.", "embedded_scorer"))
         else:
             hidden = TINY_HIDDEN if self.tiny else LAION_HIDDEN
             head = AestheticHead.seeded(self._embed_dim, hidden)

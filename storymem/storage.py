@@ -342,6 +342,7 @@ class S3Store:
 
         if not isinstance(cfg, StorageConfig):
             raise ValueError(f"cfg: expected a StorageConfig, got {type(cfg).__name__}")
+        cfg = cfg.with_credentials()  # an actor's argument holds no keys: they come from its environment
         self.cfg = cfg
         self.bucket = cfg.bucket
         # Retries belong to this class, so urllib3 must not retry underneath (its default does 5).
@@ -370,7 +371,7 @@ class S3Store:
 
     def __reduce__(self):
         # The HTTP pool does not pickle; Ray actors rebuild the client from the config.
-        return (S3Store, (self.cfg,))
+        return (S3Store, (self.cfg.without_credentials(),))
 
     # -- retries ---------------------------------------------------------------------------------
     def _redact(self, text: str) -> str:

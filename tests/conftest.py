@@ -39,8 +39,9 @@ def s3_store(s3_server):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A private local Ray for the session: 4 logical CPUs, 300 MB object store, quiet, own temp dir."""
+def ray_local(s3_server):
+    """A private local Ray for the session: 4 logical CPUs, 300 MB object store, quiet, own temp dir;
+    its workers get the session S3 server's keys from the environment (not in actor arguments)."""
     import shutil
     import tempfile
 
@@ -50,7 +51,7 @@ def ray_local():
 
     # A short path: Ray's unix sockets live under it and socket paths are limited to 107 bytes.
     temp = tempfile.mkdtemp(prefix="ray-")
-    init_local_ray(temp, num_cpus=4, object_store_mb=300)
+    init_local_ray(temp, num_cpus=4, object_store_mb=300, storage=s3_server.storage_config())
     try:
         yield ray
     finally:

@@ -98,11 +98,14 @@ def test_no_frame_passing_quality_gives_no_keyframe():
 
 
 def test_quality_threshold_auto_follows_the_scorer(tmp_path):
-    from storymem.config import LAION_AESTHETIC_THRESHOLD, ScoringConfig, StoryMemConfig
+    from storymem.config import EMBEDDED_QUALITY_THRESHOLD, LAION_AESTHETIC_THRESHOLD, ScoringConfig, StoryMemConfig
 
     assert MemoryConfig().quality_threshold == "auto"
-    # Embedded scorer (random aesthetic head): no filter.
-    assert StoryMemConfig().memory.quality_threshold is None
+    # The trained embedded scorer (a head that scores toy-character visibility 0 or 10): its cut.
+    assert StoryMemConfig().memory.quality_threshold == EMBEDDED_QUALITY_THRESHOLD == 5.0
+    # The seeded one (random aesthetic head): no filter.
+    seeded = StoryMemConfig(scoring=ScoringConfig(embedded_scorer="seeded"))
+    assert seeded.memory.quality_threshold is None
     weights = tmp_path / "aesthetic.pth"
     weights.write_bytes(b"")
     cfg = StoryMemConfig(scoring=ScoringConfig(aesthetic_weights=weights))

@@ -35,6 +35,7 @@ STORY = {"shots": [{"prompt": "a kite over a hill"}, {"prompt": "the kite dives"
          "settings": {"width": 48, "height": 32, "num_frames": 9, "num_inference_steps": 12, "seed": 3}}
 out = {}
 with LocalS3Server(sys.argv[1]) as s3:
+    s3.storage_config().export_credentials()  # every raylet started below inherits the keys
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "include_dashboard": False, "object_store_memory": 200 * 1024**2,
         "temp_dir": tempfile.mkdtemp(prefix="rc-"), "node_ip_address": "127.0.0.1"})

@@ -427,3 +427,44 @@ def test_model_capability_checks_run_at_intake_with_the_engine_profile(tmp_path)
         assert r.status_code == 422 and r.json()["detail"][0]["field"] == "settings.transition"
         assert http.post("/v1/stories", json=STORY, headers=_auth()).status_code == 202
     assert seen == ["fake", "fake"] and len(store.list_children("stories/")) == 1
+
+
+def test_secrets_stay_out_of_process_arguments_and_come_back_from_the_environment(monkeypatch):
+    """Guarantee 9: what Ray stores as actor / deployment arguments holds no key; each process reads its env."""
+    import pickle
+
+    from storymem.config import StorageConfig
+
+    for var in ("STORYMEM_S3_ACCESS_KEY", "STORYMEM_S3_SECRET_KEY", "STORYMEM_API_TOKEN", "STORYMEM_API_KEYS", "STORYMEM_API_KEYS_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    access, secret, tenant_key = "ak-" + "q" * 20, "sk-" + "w" * 30, "tenant-" + "e" * 24
+    cfg = StoryMemConfig(
+        storage=StorageConfig(access_key=access, secret_key=secret),
+        service=ServiceConfig(api_token=ADMIN_TOKEN, api_keys={"bob": tenant_key}),
+    )
+    public = cfg.without_secrets()
+    blob = pickle.dumps(public) + public.model_dump_json().encode()
+    for value in (access, secret, ADMIN_TOKEN, tenant_key):
+        assert value.encode() not in blob
+    assert public.storage.credentials_from_env and public.service.secrets_from_env
+
+    # A process whose environment lacks them is told which field and which variable.
+    with pytest.raises(ValueError, match="storage.access_key.*STORYMEM_S3_ACCESS_KEY"):
+        public.with_secrets()
+    from storymem.storage import S3Store
+
+    with pytest.raises(ValueError, match="STORYMEM_S3_ACCESS_KEY"):
+        S3Store(public.storage)
+
+    cfg.storage.export_credentials()  # what init_local_ray does before Ray starts its workers
+    monkeypatch.setenv("STORYMEM_API_TOKEN", ADMIN_TOKEN)
+    monkeypatch.setenv("STORYMEM_API_KEYS", json.dumps({"bob": tenant_key}))
+    back = public.with_secrets()
+    assert back.storage.access_key.get_secret_value() == access and back.storage.secret_key.get_secret_value() == secret
+    assert back.service.api_token.get_secret_value() == ADMIN_TOKEN
+    assert back.service.api_keys["bob"].get_secret_value() == tenant_key
+    # A store rebuilt from a pickle (as Ray ships it to an actor) does not carry the keys either.
+    store = S3Store(public.storage)
+    assert secret.encode() not in pickle.dumps(store) and store.cfg.secret_key.get_secret_value() == secret
+    monkeypatch.delenv("STORYMEM_S3_ACCESS_KEY")
+    monkeypatch.delenv("STORYMEM_S3_SECRET_KEY")

@@ -300,3 +300,29 @@ def test_gloo_data_parallel_matches_single_process(manifest, tmp_path):
         torch.testing.assert_close(ddp["grads"][k], g, rtol=1e-4, atol=1e-7)
         nonzero += int(g.abs().max() > 0)
     assert nonzero > len(single["grads"]) // 4  # both experts' LoRA B matrices got gradients
+
+
+def test_first_frame_loss_weight_is_a_weighted_mean_over_shot_frames(manifest, tmp_path):
+    """first_frame_loss_weight w: the shot loss is (w * e0 + e1 + ... + e_{f-1}) / (w + f - 1) of the
+    per-frame errors e_k; w = 1 is the plain mean (the paper's loss, and the older checkpoints')."""
+    from storymem.training import M2VLoss
+
+    trainer = Trainer(config(manifest, tmp_path / "ffw", memory_dropout=0.0, min_memory=2, max_memory=2))
+    batch = trainer.build_batch(0)
+    name, part = next(iter(batch.items()))
+    model = trainer.experts[name]
+    m = part["num_memory"]
+    sigma = part["sigma"].view(-1, 1, 1, 1, 1)
+    noisy = (1.0 - sigma) * part["clean"] + sigma * part["noise"]
+    with torch.no_grad(), memory_frames(model, m):
+        pred = model(hidden_states=torch.cat([noisy, part["condition"]], 1), timestep=part["sigma"] * 1000.0,
+                     encoder_hidden_states=part["text"], return_dict=False)[0]  # fmt: skip
+    per_frame = (pred - (part["noise"] - part["clean"])).pow(2)[:, :, m:].mean(dim=(1, 3, 4))  # (b, f)
+    b, f = per_frame.shape
+    with torch.no_grad():
+        plain = M2VLoss(trainer.experts)({name: part}, b)
+        weighted = M2VLoss(trainer.experts, first_frame_loss_weight=3.0)({name: part}, b)
+    torch.testing.assert_close(plain, per_frame.mean(1).sum() / b, rtol=1e-5, atol=1e-6)
+    expected = ((3.0 * per_frame[:, 0] + per_frame[:, 1:].sum(1)) / (3.0 + f - 1)).sum() / b
+    torch.testing.assert_close(weighted, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.isclose(weighted, plain)

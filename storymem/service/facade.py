@@ -122,11 +122,12 @@ def check_security(cfg: ServiceConfig) -> bytes | None:
 
 def check_deployment(cfg: StoryMemConfig) -> bytes | None:
     """check_security, and the object store's keys are not the samples of cluster/minio.yaml."""
+    storage = cfg.storage.with_credentials()
     for name in ("access_key", "secret_key"):
-        value = getattr(cfg.storage, name).get_secret_value()
+        value = getattr(storage, name).get_secret_value()
         if value in SAMPLE_SECRETS:
             raise ValueError(f"storage.{name}: is the sample value from cluster/minio.yaml; make a random one")
-    return check_security(cfg.service)
+    return check_security(cfg.service.with_secrets())
 
 
 class Authenticator:
@@ -166,7 +167,7 @@ class _Presigner:
     def __init__(self, cfg: StoryMemConfig):
         from minio import Minio
 
-        s = cfg.storage
+        s = cfg.storage.with_credentials()
         self.bucket = s.bucket
         self._client = Minio(
             cfg.service.public_s3_endpoint,

@@ -78,6 +78,13 @@ class TrainConfig(BaseModel):
         "I2V model already denoises conditioned frames. A model trained from scratch needs it (> 0) to learn "
         "that, since sampling also integrates its velocity on the memory frames.",
     )
+    first_frame_loss_weight: float = Field(
+        1.0,
+        gt=0.0,
+        description="Weight of the shot's first latent frame in the shot loss (a weighted mean, so the loss "
+        "keeps its scale). 1: every frame alike (the paper). The causal VAE gives frame 0 a latent of its own "
+        "that MI2V samples receive as a condition, so it sees the fewest generated examples; > 1 makes up for it.",
+    )
 
     batch_size: int = Field(4, ge=1, description="Clips per process per step.")
     steps: int = Field(1000, ge=1, description="Optimizer steps in total (resume continues to this number).")

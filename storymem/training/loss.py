@@ -13,10 +13,11 @@ class M2VLoss(nn.Module):
     """Holds the expert(s) being trained; forward(batch) -> the summed per-sample flow-matching loss
     divided by the local batch size. One module, so that DDP wraps every expert at once."""
 
-    def __init__(self, experts: dict[str, nn.Module], memory_loss_weight: float = 0.0):
+    def __init__(self, experts: dict[str, nn.Module], memory_loss_weight: float = 0.0, first_frame_loss_weight: float = 1.0):
         super().__init__()
         self.experts = nn.ModuleDict(experts)
         self.memory_loss_weight = memory_loss_weight
+        self.first_frame_loss_weight = first_frame_loss_weight
 
     def forward(self, parts: dict[str, dict], batch_size: int) -> torch.Tensor:
         total = None
@@ -36,7 +37,15 @@ class M2VLoss(nn.Module):
                 )[0]
             # Velocity target on the shot's latent frames; the memory part only with memory_loss_weight.
             err = (pred.float() - (part["noise"] - clean)).pow(2)
-            per_sample = err[:, :, m:].flatten(1).mean(1)
+            per_frame = err[:, :, m:].mean(dim=(1, 3, 4))  # (b, f)
+            if self.first_frame_loss_weight != 1.0:
+                # A weighted mean over the shot's latent frames: the first one (the causal VAE's
+                # single-frame latent) counts w times, and the loss keeps its scale.
+                weights = torch.ones(per_frame.shape[1], device=per_frame.device)
+                weights[0] = self.first_frame_loss_weight
+                per_sample = (per_frame * weights).sum(1) / weights.sum()
+            else:
+                per_sample = per_frame.mean(1)
             if m and self.memory_loss_weight:
                 per_sample = per_sample + self.memory_loss_weight * err[:, :, :m].flatten(1).mean(1)
             total = per_sample.sum() if total is None else total + per_sample.sum()

@@ -123,7 +123,7 @@ class Trainer:
             if cfg.gradient_checkpointing:
                 model.enable_gradient_checkpointing()
             model.train()
-        self.loss_module = M2VLoss(self.experts, cfg.memory_loss_weight)
+        self.loss_module = M2VLoss(self.experts, cfg.memory_loss_weight, cfg.first_frame_loss_weight)
         self.params = [p for p in self.loss_module.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("lora_targets: no trainable parameters (no module matched)")
