@@ -91,7 +91,10 @@ def test_build_app_takes_replicas_and_token_from_config(monkeypatch, tmp_path):
     assert deployment.num_replicas == 3
     assert deployment.max_ongoing_requests == 77
     (bound_cfg,) = deployment.init_args
-    assert bound_cfg.service.api_token.get_secret_value() == "z" * 24
+    # The deployment argument (Serve keeps it in Ray's GCS) holds no token; a replica reads its env.
+    assert bound_cfg.service.api_token is None and bound_cfg.service.secrets_from_env
+    assert ("z" * 24).encode() not in pickle.dumps(bound_cfg)
+    assert bound_cfg.with_secrets().service.api_token.get_secret_value() == "z" * 24
     assert serve_app.build_app({"replicas": "2"})._bound_deployment.num_replicas == 2
 
 
