@@ -278,3 +278,41 @@ def test_the_service_refuses_every_sample_secret_of_the_manifests(manifests):
                          service=ServiceConfig(api_token="x" * 32))  # fmt: skip
     with pytest.raises(ValueError, match="storage.secret_key"):
         check_deployment(cfg)
+
+
+K8S_VERSION = "1.30.0"  # KubeRay 1.x supports it; validated offline against its published OpenAPI schemas
+
+
+def _with_pod_templates(doc: dict) -> list[dict]:
+    """A resource, or for a KubeRay RayService / RayJob (CRDs the schemas lack) its pod templates,
+    each checked as the core PodTemplate kind they are."""
+    if doc.get("apiVersion") != "ray.io/v1":
+        return [doc]
+    spec = doc["spec"]
+    cluster = spec.get("rayClusterConfig") or spec.get("rayClusterSpec")
+    groups = [("head", cluster["headGroupSpec"])] if "headGroupSpec" in cluster else []  # a patch may omit it
+    groups += [(g["groupName"], g) for g in cluster["workerGroupSpecs"]]
+    if doc["kind"] == "RayJob" and "submitterPodTemplate" in spec:
+        groups.append(("submitter", {"template": spec["submitterPodTemplate"]}))
+    return [{"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{doc['metadata']['name']}-{name}"},
+             "template": group["template"]} for name, group in groups]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["rayservice.yaml", "rayjob-batch.yaml", "minio.yaml", "redis.yaml", "gang8.yaml"])
+def test_manifests_validate_against_the_kubernetes_schemas(name):
+    """Strict validation (unknown fields are errors) of every Kubernetes resource and of every Ray pod
+    template, as `kubectl apply --validate=strict` would, without a cluster."""
+    import kubernetes_validate
+
+    docs = _docs(name)
+    if name == "gang8.yaml":  # its second document is a merge patch of the RayService's spec
+        docs = [docs[0], {"apiVersion": "ray.io/v1", "kind": "RayService", "metadata": {"name": "storymem"}, **docs[1]}]
+    checked = 0
+    for doc in docs:
+        for resource in _with_pod_templates(doc):
+            try:
+                kubernetes_validate.validate(resource, K8S_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{name}: {resource['kind']}/{resource['metadata']['name']}: {exc.message} at {list(exc.path)}")
+            checked += 1
+    assert checked >= len(docs)
