@@ -468,3 +468,22 @@ def test_secrets_stay_out_of_process_arguments_and_come_back_from_the_environmen
     assert secret.encode() not in pickle.dumps(store) and store.cfg.secret_key.get_secret_value() == secret
     monkeypatch.delenv("STORYMEM_S3_ACCESS_KEY")
     monkeypatch.delenv("STORYMEM_S3_SECRET_KEY")
+
+
+def test_memory_reads_a_started_storys_script_and_settings_once(tmp_path):
+    class CountingStore(LocalStore):
+        reads: dict = {}
+
+        def get_bytes(self, key):
+            self.reads[key] = self.reads.get(key, 0) + 1
+            return super().get_bytes(key)
+
+    service, _, _, store = _service(tmp_path, store=CountingStore(tmp_path / "bucket"))
+    with TestClient(serve_app.create_app(service)) as http:
+        story = http.post("/v1/stories", json=STORY, headers=_auth()).json()["id"]
+        _wait(http, story)
+        pages = [http.get(f"/v1/stories/{story}/memory", headers=_auth()).json() for _ in range(3)]
+    assert pages[0]["script"]["story_name"] == "Core" and pages[0]["settings"]["width"] == 64
+    assert all(p["script"] == pages[0]["script"] and p["settings"] == pages[0]["settings"] for p in pages)
+    layout = StoryLayout(story)
+    assert store.reads[layout.script] == 1 and store.reads[layout.settings] == 1, store.reads

@@ -14,6 +14,7 @@ import hmac
 import logging
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -186,6 +187,9 @@ class _Presigner:
 # ---------------------------------------------------------------------------------------- the facade
 
 
+STORED_CACHE_SIZE = 256  # stories whose script and settings a replica keeps for /memory
+
+
 class StoryService:
     """What every front end does, over an engine (EngineAPI coroutines) and the store; raises
     StoryMemError subclasses, each with its HTTP status and the fields at fault."""
@@ -197,6 +201,8 @@ class StoryService:
         self.auth = Authenticator(cfg.service)
         self.checks = [*MODEL_CHECKS, speed_check(cfg.speed)] if checks is None else list(checks)
         self._presigner = _Presigner(cfg) if cfg.service.public_s3_endpoint else None
+        # A started story's script and settings never change: /memory reads them once (a page polls it).
+        self._stored: OrderedDict[str, dict] = OrderedDict()
         self._profile: dict | None = None
         self._status_cache: dict[tuple, tuple[float, dict]] = {}
         self._status_calls: dict[tuple, asyncio.Future] = {}
@@ -381,7 +387,15 @@ class StoryService:
 
         from storymem.board import stored_story
 
-        stored = await self._storage(stored_story, self.store, story_id)
+        stored = self._stored.get(story_id)
+        if stored is None:
+            stored = await self._storage(stored_story, self.store, story_id)
+            if stored["script"] is not None and stored["settings"] is not None:
+                self._stored[story_id] = stored
+                while len(self._stored) > STORED_CACHE_SIZE:
+                    self._stored.popitem(last=False)
+        else:
+            self._stored.move_to_end(story_id)
         return {"id": story_id, "expires_s": seconds, "shots": await self._storage(sign), **stored}
 
 
