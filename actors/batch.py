@@ -29,6 +29,7 @@ def connect(cfg, address: str | None = None):
             if address not in (None, "auto"):
                 raise
             log.info("no running Ray cluster; starting a local one")
+            cfg.storage.export_credentials()  # its workers inherit them: the engine's arguments hold none
             ray.init(namespace=cfg.engine.namespace, logging_level=logging.WARNING)
     try:
         handle = get_engine(cfg.engine.namespace)
