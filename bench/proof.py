@@ -75,8 +75,9 @@ def markdown(report: dict) -> str:
         f"{len(seeds)} draws of stories: seeds {', '.join(seeds)}; the characters' shape, colours and pattern never "
         "occur in training and never in the prompts, which name only the action and the background). Every shot "
         "is made by the real `StoryMemPipeline` with the shipped tiny bundle and the real memory bank with the "
-        "embedded scorer (keyframes by CLIP similarity, the quality filter, sink + window; memory guidance scale "
-        f"{report['memory_guidance_scale']:g}, text CFG as the model's defaults). Lower error is better.",
+        "embedded scorer (keyframes by CLIP similarity, the quality filter, sink + window of at most "
+        f"{report['max_memory_size']} frames; memory guidance scale {report['memory_guidance_scale']:g}, text CFG as the "
+        "model's defaults). Lower error is better.",
         "",
         "| draw | first appearance | condition | colour error | colour error (visible) | shape error | identity match | character found | shots with it | memory frames | background error |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -134,6 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--memory-guidance", type=float, default=None, help="memory guidance scale (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
+    p.add_argument("--max-memory-size", type=int, default=None, help="memory bank capacity (default: the model's)")
+    p.add_argument("--fix", type=int, default=None, help="memory sink size (default: the model's)")
     p.add_argument("--scorer", choices=["trained", "seeded"], default="trained", help="embedded scorer weights (ScoringConfig.embedded_scorer)")
     args = p.parse_args(argv)
 
@@ -154,7 +157,12 @@ def main(argv=None) -> int:
         gen["memory_guidance_scale"] = args.memory_guidance
     if args.steps is not None:
         gen["num_inference_steps"] = args.steps
+    if args.max_memory_size is not None:
+        max_memory = args.max_memory_size
+    if args.fix is not None:
+        gen["fix"] = args.fix
     report["memory_guidance_scale"] = gen["memory_guidance_scale"]
+    report["max_memory_size"] = max_memory
     strip = None
     for seed in args.seeds:
         stories = toyworld.make_stories(args.stories, args.shots, seed, split="heldout")

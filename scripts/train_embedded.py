@@ -14,6 +14,10 @@ Stages (each skipped when its output is already in --workdir, so an interrupted 
    aesthetic head, on training clips through the trained VAE, some faded toward their background)
    and write it to --scorer-out, which ScoringConfig's embedded_scorer 'trained' loads.
 
+--init-from BUNDLE continues a bundle instead (its VAE and transformer; stages 2 and the fresh
+transformer are skipped): the shipped bundle is the first bundle's recipe plus such a continuation
+(README, 'Evaluation and training').
+
 One transformer serves both experts: at this size a model per half of the noise range would see
 half the data each for no gain, and the pipeline's two-expert switch still runs on the demo.
 --device cuda trains on a GPU (same recipe; the trainer autocasts the transformer to bf16 there).
@@ -50,6 +54,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/storymem-train-embedded"))
     p.add_argument("--out", type=Path, default=models.EMBEDDED_BUNDLE)
+    p.add_argument(
+        "--init-from", type=Path, default=None,
+        help="continue training this bundle (its VAE and transformer) instead of training both from scratch",
+    )
+    p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--scorer-out", type=Path, default=EMBEDDED_SCORER)
     p.add_argument("--scorer-clips", type=int, default=400, help="training clips the scorer sees (13 frames each)")
     p.add_argument("--scorer-steps", type=int, default=600)
@@ -60,20 +69,17 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stories", type=int, default=400, help="training stories")
     p.add_argument("--shots", type=int, default=5, help="shots (clips) per training story")
-    p.add_argument("--vae-steps", type=int, default=400)
-    p.add_argument("--vae-long-steps", type=int, default=300, help="VAE steps on whole clips (phase 2)")
+    p.add_argument("--vae-steps", type=int, default=500)
+    p.add_argument("--vae-long-steps", type=int, default=200, help="VAE steps on whole clips (phase 2)")
     p.add_argument("--vae-lr", type=float, default=3e-3)
     p.add_argument("--vae-batch", type=int, default=6)
-    p.add_argument(
-        "--steps", type=int, default=4905,
-        help="transformer optimizer steps (the shipped bundle: what --time-budget 3600 fitted on 2 shared CPU cores)",
-    )
+    p.add_argument("--steps", type=int, default=3500, help="transformer optimizer steps")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=4e-3)
-    p.add_argument("--max-memory", type=int, default=6, help="most memory frames of a training sample")
-    p.add_argument("--motion-prob", type=float, default=0.25, help="share of samples conditioned on their first frame (MI2V)")
-    p.add_argument("--memory-dropout", type=float, default=0.2, help="share of steps without memory")
-    p.add_argument("--first-frame-weight", type=float, default=2.0, help="loss weight of a shot's first latent frame")
+    p.add_argument("--max-memory", type=int, default=4, help="most memory frames of a training sample")
+    p.add_argument("--motion-prob", type=float, default=0.5, help="share of samples conditioned on their first frame (MI2V)")
+    p.add_argument("--memory-dropout", type=float, default=0.1, help="share of steps without memory")
+    p.add_argument("--first-frame-weight", type=float, default=1.0, help="loss weight of a shot's first latent frame")
     p.add_argument("--threads", type=int, default=1, help="1 beats 2 on a busy 2-core machine")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument(
@@ -239,8 +245,12 @@ def main(argv=None) -> int:
     clips = load_clips(manifest)
     # The shipped bundle (if any) is irrelevant: VAE and transformers are re-initialised below, and the
     # frozen text encoder is the seeded one either way.
-    components, _ = models.build_embedded(ModelConfig(embedded_weights="random"))
-    components.update(stage_vae(args, components, clips))
+    if args.init_from is not None:
+        # Continue a bundle: its VAE (the transformer's latent space) and its transformer.
+        components, _ = models.build_embedded(ModelConfig(embedded_weights=args.init_from))
+    else:
+        components, _ = models.build_embedded(ModelConfig(embedded_weights="random"))
+        components.update(stage_vae(args, components, clips))
     stages = {x.strip() for x in args.stages.split(",") if x.strip()}
     if stages - {"transformer", "scorer"}:
         raise SystemExit(f"--stages: unknown {sorted(stages - {'transformer', 'scorer'})}; expected transformer, scorer")
@@ -249,8 +259,9 @@ def main(argv=None) -> int:
     if "transformer" not in stages:
         log.info("done in %.1fs (no transformer stage)", time.perf_counter() - t_start)
         return 0
-    for k, name in enumerate(("transformer", "transformer_2")):
-        components[name] = fresh_copy(components[name], args.seed + k)
+    if args.init_from is None:
+        for k, name in enumerate(("transformer", "transformer_2")):
+            components[name] = fresh_copy(components[name], args.seed + k)
     stage1 = args.workdir / "stage1.safetensors"
     models.save_bundle(components, stage1)
     del clips
@@ -265,7 +276,7 @@ def main(argv=None) -> int:
         batch_size=args.batch_size,
         steps=args.steps,
         lr=args.lr,
-        warmup_steps=200,
+        warmup_steps=args.warmup_steps,
         schedule="cosine",
         min_lr_ratio=0.05,
         weight_decay=0.01,
@@ -280,8 +291,7 @@ def main(argv=None) -> int:
         # Some samples are also conditioned on their own first frame (MI2V), as the Wan I2V base
         # model was pretrained: carrying a conditioned frame's content to moving frames is the
         # attention path that memory then uses; without it the from-scratch model ignores memory.
-        # At 0.5 (the first bundle) frame 0 was generated from half the data and came out far off
-        # (docs/identity.md): 0.25, and frame 0 weighs twice in the loss.
+        # (0.25 with 6 memory frames, from scratch, trained a worse model: docs/identity.md.)
         motion_prob=args.motion_prob,
         first_frame_loss_weight=args.first_frame_weight,
         seed=args.seed,

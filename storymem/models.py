@@ -73,6 +73,12 @@ class TinyWanConfig:
             # English negative prompt; the paper's defaults ('ones', Wan's Chinese prompt) are for real weights
             "memory_mask": "sink_window",
             "negative_prompt": EMBEDDED_NEGATIVE_PROMPT,
+            # One memory frame, kept for the whole story: the first keyframe the scorer passes (the first
+            # frame where the character is visible). This tiny model conditions worst on more frames of
+            # one character (docs/identity.md: 3 or 6 frames raise the colour error); real weights keep
+            # the paper's bank of 10 with a sink of 3.
+            "max_memory_size": 1,
+            "fix": 1,
         }
     )
 
