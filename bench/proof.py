@@ -76,7 +76,7 @@ def markdown(report: dict) -> str:
         "occur in training and never in the prompts, which name only the action and the background). Every shot "
         "is made by the real `StoryMemPipeline` with the shipped tiny bundle and the real memory bank with the "
         "embedded scorer (keyframes by CLIP similarity, the quality filter, sink + window of at most "
-        f"{report['max_memory_size']} frames; memory guidance scale {report['memory_guidance_scale']:g}, text CFG as the "
+        f"{report['max_memory_size']} frame{'s' if report['max_memory_size'] != 1 else ''}; memory guidance scale {report['memory_guidance_scale']:g}, text CFG as the "
         "model's defaults). Lower error is better.",
         "",
         "| draw | first appearance | condition | colour error | colour error (visible) | shape error | identity match | character found | shots with it | memory frames | background error |",

@@ -260,7 +260,9 @@ class StorageConfig(_Strict):
         environ = os.environ if environ is None else environ
         cfg = self.with_credentials()
         for name, var in _S3_KEY_ENV:
-            environ[var] = getattr(cfg, name).get_secret_value()
+            value = getattr(cfg, name).get_secret_value()
+            if value:  # an anonymous store leaves the environment as it is
+                environ[var] = value
 
     @classmethod
     def from_env(cls, **overrides) -> "StorageConfig":

@@ -34,6 +34,7 @@ Modules:
     loss.py        M2VLoss, the flow-matching loss under the M2V mask and memory RoPE;
     trainer.py     Trainer (setup, sample plan, steps, checkpoints, outputs) and train();
     vae_recipe.py  the tiny-VAE recipe of the embedded models (reinit, train_vae, normalise_vae_latents);
+    scorer_recipe.py  the embedded scorer's recipe (tiny CLIP image tower + visibility head on toy frames);
     cli.py         `storymem train` (add_train_parser, config_from_args, run_train).
 """
 
