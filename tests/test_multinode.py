@@ -34,6 +34,9 @@ STORY = {"shots": [{"prompt": "a kite over a hill"}, {"prompt": "the kite dives"
                    {"prompt": "the kite lands"}],
          "settings": {"width": 48, "height": 32, "num_frames": 9, "num_inference_steps": 12, "seed": 3}}
 out = {}
+# Cluster() writes the head's address to Ray's default temp dir whatever temp_dir it is given; a fresh
+# machine has none yet.
+os.makedirs(os.path.join(tempfile.gettempdir(), "ray"), exist_ok=True)
 with LocalS3Server(sys.argv[1]) as s3:
     s3.storage_config().export_credentials()  # every raylet started below inherits the keys
     cluster = Cluster(initialize_head=True, head_node_args={
