@@ -45,6 +45,7 @@ from storymem import models, toyworld
 from storymem.config import EMBEDDED_QUALITY_THRESHOLD, EMBEDDED_SCORER, ModelConfig, ScoringConfig
 from storymem.models import TinyWanConfig
 from storymem.training import TrainConfig, Trainer, fresh_copy, normalise_vae_latents, reinit_autoencoder, train_vae
+from storymem.training.vae_recipe import vae_round_trip
 
 log = logging.getLogger("train_embedded")
 REPO = Path(__file__).resolve().parents[1]
@@ -190,15 +191,8 @@ def stage_scorer(args, vae, clips: np.ndarray, manifest: Path) -> dict:
     u = rng.random(len(pick))
     alphas = np.where(u < 0.5, 1.0, np.where(u < 0.75, rng.uniform(0.0, 0.5, len(pick)), rng.uniform(0.5, 1.0, len(pick))))
     faded = blend_toward_background(clips[pick], alphas)
-    vae = vae.to(args.device).eval()
-    decoded = []
-    with torch.no_grad():
-        for i in range(0, len(faded), 16):
-            x = torch.from_numpy(faded[i : i + 16]).float().div(127.5).sub(1.0).permute(0, 4, 1, 2, 3).to(args.device)
-            y = vae.decode(vae.encode(x).latent_dist.mode()).sample
-            decoded.append(((y.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy())
+    video = vae_round_trip(vae.to(args.device).eval(), faded)
     vae.cpu()
-    video = np.concatenate(decoded)
     frames = video.reshape(-1, *video.shape[2:])
     chars = np.repeat([label_of[groups[i]] for i in pick], video.shape[1])
     visible = visibility_labels(frames)

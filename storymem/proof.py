@@ -47,7 +47,7 @@ def run_story(pipe, scorer, story: toyworld.ToyStory, *, memory: bool, first: st
     for k in range(1, len(story.shots)):
         if bank_sizes is not None:
             bank_sizes.append(len(bank) if memory else 0)
-        out = pipe(story.prompts[k], memory=(bank.images() or None) if memory else None, seed=seed + k, **gen).frames
+        out = pipe(story.prompts[k], memory=bank.images() if memory else None, seed=seed + k, **gen).frames
         shots.append(out)
         if memory:
             bank.update(k, out, *scorer.score_frames(out), mcfg, tail_frames=0)

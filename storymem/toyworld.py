@@ -337,6 +337,16 @@ def write_training_set(
 # the pixel-space identity measure
 
 
+MIN_CHARACTER_PIXELS = 6  # fewer pixels off the background: no character in the frame
+
+
+def frame_background(frames: np.ndarray) -> np.ndarray:
+    """(..., F, 1, 1, 3) float32: each frame's background colour, the median of its border pixels."""
+    x = np.asarray(frames, dtype=np.float32)
+    border = np.concatenate([x[..., 0, :, :], x[..., -1, :, :], x[..., :, 0, :], x[..., :, -1, :]], axis=-2)
+    return np.median(border, axis=-2)[..., None, None, :]
+
+
 def character_mask(frames: np.ndarray, threshold: float = 60.0) -> np.ndarray:
     """(F, H, W) bool: pixels far (RGB distance > threshold) from the frame's background colour,
     estimated as the median of the frame's border pixels."""
@@ -345,9 +355,7 @@ def character_mask(frames: np.ndarray, threshold: float = 60.0) -> np.ndarray:
         x = x[None]
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"frames: expected (F, H, W, 3), got shape {x.shape}")
-    border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)  # (F, 2W + 2H, 3)
-    bg = np.median(border, axis=1)[:, None, None, :]
-    return np.linalg.norm(x - bg, axis=-1) > threshold
+    return np.linalg.norm(x - frame_background(x), axis=-1) > threshold
 
 
 @dataclass
@@ -360,7 +368,7 @@ class IdentityDescriptor:
     found: float
 
 
-def identity_descriptor(frames: np.ndarray, threshold: float = 60.0, min_pixels: int = 6, window: int = 24) -> IdentityDescriptor:
+def identity_descriptor(frames: np.ndarray, threshold: float = 60.0, min_pixels: int = MIN_CHARACTER_PIXELS, window: int = 24) -> IdentityDescriptor:
     x = np.asarray(frames)
     if x.ndim == 3:
         x = x[None]

@@ -38,8 +38,7 @@ def blend_toward_background(clips: np.ndarray, alphas: np.ndarray) -> np.ndarray
     """(N, F, H, W, 3) uint8 clips with the character faded by `alphas` (N,) in [0, 1] toward each
     frame's background (the median of its border, as toyworld's detector estimates it); 0: blank."""
     x = clips.astype(np.float32)
-    border = np.concatenate([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], axis=2)  # (N, F, 2W+2H, 3)
-    bg = np.median(border, axis=2)[:, :, None, None, :]
+    bg = toyworld.frame_background(x)
     out = bg + alphas.reshape(-1, 1, 1, 1, 1) * (x - bg)
     return out.round().clip(0, 255).astype(np.uint8)
 
@@ -47,7 +46,7 @@ def blend_toward_background(clips: np.ndarray, alphas: np.ndarray) -> np.ndarray
 def visibility_labels(frames: np.ndarray) -> np.ndarray:
     """(N,) 1.0 where toyworld's detector finds a character in the frame, else 0.0."""
     masks = toyworld.character_mask(frames)
-    return (masks.reshape(len(frames), -1).sum(1) >= 6).astype(np.float32)
+    return (masks.reshape(len(frames), -1).sum(1) >= toyworld.MIN_CHARACTER_PIXELS).astype(np.float32)
 
 
 def supervised_contrastive(z: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, tau: float = 0.1) -> torch.Tensor:

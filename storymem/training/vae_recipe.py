@@ -13,6 +13,18 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+def vae_round_trip(vae, clips: np.ndarray, batch: int = 16) -> np.ndarray:
+    """(N, F, H, W, 3) uint8 clips through the VAE (posterior mode, as the pipeline encodes) and back."""
+    device = next(vae.parameters()).device
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(clips), batch):
+            x = torch.from_numpy(clips[i : i + batch]).float().div(127.5).sub(1.0).permute(0, 4, 1, 2, 3).to(device)
+            y = vae.decode(vae.encode(x).latent_dist.mode()).sample
+            out.append(((y.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy())
+    return np.concatenate(out)
+
+
 def reinit_autoencoder(vae: nn.Module, seed: int) -> nn.Module:
     """Kaiming-normal convolutions with zero biases, residual branches and attention outputs zeroed,
     before training a tiny VAE from scratch.
