@@ -15,8 +15,8 @@ Stages (each skipped when its output is already in --workdir, so an interrupted 
    and write it to --scorer-out, which ScoringConfig's embedded_scorer 'trained' loads.
 
 --init-from BUNDLE continues a bundle instead (its VAE and transformer; stages 2 and the fresh
-transformer are skipped): the shipped bundle is the first bundle's recipe plus such a continuation
-(README, 'Evaluation and training').
+transformer are skipped): the shipped bundle is the first bundle's recipe plus two such
+continuations, the last on one memory frame (README, 'Evaluation and training').
 
 One transformer serves both experts: at this size a model per half of the noise range would see
 half the data each for no gain, and the pipeline's two-expert switch still runs on the demo.
@@ -81,6 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--motion-prob", type=float, default=0.5, help="share of samples conditioned on their first frame (MI2V)")
     p.add_argument("--memory-dropout", type=float, default=0.1, help="share of steps without memory")
     p.add_argument("--first-frame-weight", type=float, default=1.0, help="loss weight of a shot's first latent frame")
+    p.add_argument("--subject-weight", type=float, default=1.0, help="loss weight of the character's latent cells (TrainConfig.subject_loss_weight)")
     p.add_argument("--threads", type=int, default=1, help="1 beats 2 on a busy 2-core machine")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument(
@@ -101,7 +102,7 @@ def stage_data(args, size) -> Path:
     data = args.workdir / "data"
     # The prompts are part of the data: a change of wording re-renders (the clips come out identical).
     params = {"stories": args.stories, "shots": args.shots, "seed": args.seed, "sizes": list(toyworld.SIZES),
-              "prompt": toyworld.ToyShot("jumps", "blue", 0.3, 0.3, 0.3).prompt, "same_place": toyworld.SAME_PLACE_SHARE, **size}
+              "prompt": toyworld.ToyShot("jumps", "blue", 0.3, 0.3, 0.3).prompt, "same_place": toyworld.SAME_PLACE_SHARE, "subject_masks": True, **size}
     marker = data / "params.json"
     if marker.exists() and json.loads(marker.read_text()) == params:
         return data / "manifest.parquet"
@@ -179,7 +180,7 @@ def stage_scorer(args, vae, clips: np.ndarray, manifest: Path) -> dict:
     from safetensors.torch import save_file
 
     from storymem.scoring import Scorer, embedded_scorer_state
-    from storymem.training.scorer_recipe import blend_toward_background, train_toy_scorer, visibility_labels
+    from storymem.training.scorer_recipe import TOY_VISIBILITY_CUT, blend_toward_background, train_toy_scorer, visibility_labels
 
     t0 = time.perf_counter()
     groups = pq.read_table(manifest).column("group_id").to_pylist()
@@ -201,7 +202,8 @@ def stage_scorer(args, vae, clips: np.ndarray, manifest: Path) -> dict:
     train_toy_scorer(scorer, frames[train], chars[train], visible[train], args.scorer_steps, seed=args.seed)
     emb, score = scorer.score_frames(frames[~train])
     v, c = visible[~train] > 0.5, chars[~train]
-    kept = score >= EMBEDDED_QUALITY_THRESHOLD
+    kept = score >= TOY_VISIBILITY_CUT
+    bank_kept = score >= EMBEDDED_QUALITY_THRESHOLD
     e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     sim = e @ e.T
     both = v[:, None] & v[None, :]
@@ -217,6 +219,7 @@ def stage_scorer(args, vae, clips: np.ndarray, manifest: Path) -> dict:
         "heldout_visible_share": round(float(v.mean()), 3),
         "blank_frames_kept": round(float((kept & ~v).sum() / max(1, (~v).sum())), 4),
         "visible_frames_dropped": round(float((~kept & v).sum() / max(1, v.sum())), 4),
+        "visible_frames_the_bank_takes": round(float((bank_kept & v).sum() / max(1, v.sum())), 4),
         "cosine_same_character": round(float(sim[same].mean()), 3),
         "cosine_other_character": round(float(sim[other].mean()), 3),
         "scorer": str(args.scorer_out),
@@ -288,6 +291,7 @@ def main(argv=None) -> int:
         # (0.25 with 6 memory frames, from scratch, trained a worse model: docs/identity.md.)
         motion_prob=args.motion_prob,
         first_frame_loss_weight=args.first_frame_weight,
+        subject_loss_weight=args.subject_weight,
         seed=args.seed,
         save_every=500,
         log_every=50,

@@ -24,8 +24,11 @@ from .speed import SpeedConfig
 # frames (blur, black, broken ones): the paper's videos average ~6.1 here (aesthetic quality 0.6133 x 10).
 LAION_AESTHETIC_THRESHOLD = 4.5
 # The embedded scorer trained on the synthetic world (storymem.training.scorer_recipe) scores a frame 10
-# where toyworld's detector finds the character and 0 where it finds none: the cut is half-way.
-EMBEDDED_QUALITY_THRESHOLD = 5.0
+# where toyworld's detector finds the character and 0 where it finds none. The bank's cut sits near the
+# top, not half-way: a frame that only just shows a faint character is remembered as faint, and the
+# shots made from it lose the character (docs/identity.md: 5 -> 9 kept the character in 85-88% of
+# generated shots instead of 78-85%; 10 skipped too many rendered frames).
+EMBEDDED_QUALITY_THRESHOLD = 9.0
 EMBEDDED_SCORER = Path(__file__).resolve().parent / "assets" / "tiny_scorer.safetensors"
 
 

@@ -311,22 +311,25 @@ def write_training_set(
 ) -> Path:
     """Render stories to `root/clips/*.npy` and write `root/manifest.parquet` (see storymem.training.data).
 
-    One clip per shot; a story is a group (its clips share the character). Returns the manifest path."""
+    One clip per shot; a story is a group (its clips share the character), with the character's mask
+    (`character_mask` of the render) as the clip's subject_mask. Returns the manifest path."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     root = Path(root)
     (root / "clips").mkdir(parents=True, exist_ok=True)
-    rows: dict[str, list] = {"clip_id": [], "group_id": [], "path": [], "prompt": []}
+    rows: dict[str, list] = {"clip_id": [], "group_id": [], "path": [], "prompt": [], "subject_mask": []}
     stories = make_stories(num_stories, shots_per_story, seed, split)
     for story in stories:
         for k, (shot, frames) in enumerate(zip(story.shots, render_story(story, height, width, num_frames))):
             clip_id = f"{story.story_id}-{k:02d}"
             np.save(root / "clips" / f"{clip_id}.npy", frames)
+            np.save(root / "clips" / f"{clip_id}.mask.npy", character_mask(frames))
             rows["clip_id"].append(clip_id)
             rows["group_id"].append(story.story_id)
             rows["path"].append(f"clips/{clip_id}.npy")
             rows["prompt"].append(shot.prompt)
+            rows["subject_mask"].append(f"clips/{clip_id}.mask.npy")
     manifest = root / "manifest.parquet"
     pq.write_table(pa.table(rows), manifest)
     (root / "stories.json").write_text(json.dumps([s.to_dict() for s in stories]))

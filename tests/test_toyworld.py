@@ -100,6 +100,8 @@ def test_training_set_manifest(tmp_path):
     clip = np.load(tmp_path / records[0].path)
     assert clip.shape == (13, 48, 64, 3) and clip.dtype == np.uint8
     assert records[0].prompt == tw.make_stories(3, 2, seed=5)[0].prompts[0]
+    mask = np.load(tmp_path / records[0].subject_mask)
+    assert mask.shape == clip.shape[:3] and (mask == tw.character_mask(clip)).all() and mask.any()
 
 
 def test_bad_values_are_named():

@@ -326,3 +326,57 @@ def test_first_frame_loss_weight_is_a_weighted_mean_over_shot_frames(manifest, t
     expected = ((3.0 * per_frame[:, 0] + per_frame[:, 1:].sum(1)) / (3.0 + f - 1)).sum() / b
     torch.testing.assert_close(weighted, expected, rtol=1e-5, atol=1e-6)
     assert not torch.isclose(weighted, plain)
+
+
+def test_latent_subject_mask_follows_the_causal_vae_grid():
+    """Latent frame 0 is pixel frame 0, latent frame j >= 1 pixel frames 4(j-1)+1 .. 4j; a latent cell is
+    subject when any of its pixels is."""
+    from storymem.training.data import latent_subject_mask
+
+    mask = np.zeros((13, 48, 64), bool)
+    mask[0, 0, 0] = True  # frame 0 -> latent frame 0, cell (0, 0)
+    mask[5, 10, 21] = True  # frame 5 -> latent frame 2 (frames 5..8), cell (2, 5)
+    lat = latent_subject_mask(mask, 13, spatial=4, temporal=4)
+    assert lat.shape == (4, 12, 16)
+    assert lat.sum() == 2 and lat[0, 0, 0] == 1 and lat[2, 2, 5] == 1
+
+
+def test_subject_loss_weight_is_a_weighted_mean_over_each_frames_cells(tmp_path):
+    """subject_loss_weight w: per shot frame, (w * sum of subject-cell errors + other cells) / (w * n_s + n_o);
+    w = 1 is the plain mean. The toy world's manifest gives every clip its character's mask."""
+    from storymem.training import M2VLoss
+
+    manifest = toyworld.write_training_set(tmp_path / "toy", num_stories=2, shots_per_story=2, seed=3)
+    trainer = Trainer(config(manifest, tmp_path / "sw", subject_loss_weight=4.0))
+    batch = trainer.build_batch(0)
+    name, part = next(iter(batch.items()))
+    subject = part["subject"]  # (b, f, h, w)
+    assert subject.shape[0] == part["clean"].shape[0] and 0 < subject.mean() < 0.5
+    model = trainer.experts[name]
+    m = part["num_memory"]
+    sigma = part["sigma"].view(-1, 1, 1, 1, 1)
+    noisy = (1.0 - sigma) * part["clean"] + sigma * part["noise"]
+    with torch.no_grad(), memory_frames(model, m):
+        pred = model(hidden_states=torch.cat([noisy, part["condition"]], 1), timestep=part["sigma"] * 1000.0,
+                     encoder_hidden_states=part["text"], return_dict=False)[0]  # fmt: skip
+    cell = (pred - (part["noise"] - part["clean"])).pow(2)[:, :, m:].mean(1)  # (b, f, h, w)
+    b = cell.shape[0]
+    cells = 1.0 + 3.0 * subject
+    expected = ((cell * cells).sum((2, 3)) / cells.sum((2, 3))).mean(1).sum() / b
+    with torch.no_grad():
+        weighted = M2VLoss(trainer.experts, subject_loss_weight=4.0)({name: part}, b)
+        plain = M2VLoss(trainer.experts)({name: part}, b)
+    torch.testing.assert_close(weighted, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(plain, cell.mean((1, 2, 3)).sum() / b, rtol=1e-5, atol=1e-6)
+    assert not torch.isclose(weighted, plain)
+
+
+def test_subject_loss_weight_needs_masks(tmp_path):
+    import pyarrow.parquet as pq
+
+    manifest = toyworld.write_training_set(tmp_path / "toy", num_stories=2, shots_per_story=2, seed=3)
+    bare = tmp_path / "toy" / "bare.parquet"
+    pq.write_table(pq.read_table(manifest).drop(["subject_mask"]), bare)
+    with pytest.raises(ValueError, match="subject_loss_weight.*subject_mask"):
+        Trainer(config(bare, tmp_path / "bare", subject_loss_weight=2.0))
+    Trainer(config(bare, tmp_path / "plain"))  # without the weight the column is optional

@@ -86,6 +86,15 @@ class TrainConfig(BaseModel):
         "that MI2V samples receive as a condition, so it sees the fewest generated examples; > 1 makes up for it.",
     )
 
+    subject_loss_weight: float = Field(
+        1.0,
+        ge=1.0,
+        description="Weight of the subject's latent cells in the shot loss (a weighted mean, so the loss keeps "
+        "its scale); needs the manifest's subject_mask column. 1: every cell alike (the paper). A small "
+        "subject covers few latent cells, so nearly all of the loss is background that the text already "
+        "fixes; > 1 puts more of it on the identity that memory must carry.",
+    )
+
     batch_size: int = Field(4, ge=1, description="Clips per process per step.")
     steps: int = Field(1000, ge=1, description="Optimizer steps in total (resume continues to this number).")
     lr: float = Field(1e-5, gt=0.0, description="Peak AdamW learning rate.")

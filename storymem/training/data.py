@@ -5,7 +5,9 @@ A clip manifest has one row per clip, columns
     clip_id (str, unique), group_id (str: clips of one group share a character),
     path (str: .npy (F, H, W, 3) uint8, or a video file decoded with storymem.stitch.read_video;
           relative to the manifest's folder, or an object key when a store is given),
-    prompt (str).
+    prompt (str),
+and optionally subject_mask (str: .npy (F, H, W) bool or uint8, nonzero where the subject is; relative
+    like path; read only when TrainConfig.subject_loss_weight weights the loss toward the subject).
 It is not a story manifest (storymem.story.read_manifest: a story's commit point in the store).
 """
 
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 
 MANIFEST_COLUMNS = ("clip_id", "group_id", "path", "prompt")
+SUBJECT_MASK_COLUMN = "subject_mask"
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class ClipRecord:
     group_id: str
     path: str
     prompt: str
+    subject_mask: str | None = None
 
 
 def open_clip_store(store: str | None):
@@ -52,10 +56,11 @@ def read_clip_manifest(manifest: str | Path, store=None) -> list[ClipRecord]:
     missing = [c for c in MANIFEST_COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(f"manifest: missing column(s) {missing}; expected {list(MANIFEST_COLUMNS)}")
-    cols = {c: table.column(c).to_pylist() for c in MANIFEST_COLUMNS}
+    columns = MANIFEST_COLUMNS + ((SUBJECT_MASK_COLUMN,) if SUBJECT_MASK_COLUMN in table.column_names else ())
+    cols = {c: table.column(c).to_pylist() for c in columns}
     records, seen = [], set()
     for i in range(table.num_rows):
-        row = {c: cols[c][i] for c in MANIFEST_COLUMNS}
+        row = {c: cols[c][i] for c in columns}
         for c, v in row.items():
             if not isinstance(v, str) or (c != "prompt" and not v):
                 raise ValueError(f"manifest.{c}[{i}]: expected a non-empty string, got {v!r}")
@@ -68,15 +73,21 @@ def read_clip_manifest(manifest: str | Path, store=None) -> list[ClipRecord]:
     return records
 
 
+def _locate(record: ClipRecord, column: str, base_dir: Path | None, store) -> bytes | Path:
+    """The bytes (from a store) or the local file a manifest column of a clip names."""
+    name = getattr(record, column)
+    if store is not None:
+        return store.get_bytes(name)
+    path = Path(name)
+    data = path if path.is_absolute() or base_dir is None else base_dir / path
+    if not data.exists():
+        raise ValueError(f"manifest.{column}: clip {record.clip_id!r} not found at {data}")
+    return data
+
+
 def load_clip(record: ClipRecord, base_dir: Path | None, store=None) -> np.ndarray:
     """(F, H, W, 3) uint8 frames of one clip."""
-    if store is not None:
-        data: bytes | Path = store.get_bytes(record.path)
-    else:
-        path = Path(record.path)
-        data = path if path.is_absolute() or base_dir is None else base_dir / path
-        if not data.exists():
-            raise ValueError(f"manifest.path: clip {record.clip_id!r} not found at {data}")
+    data = _locate(record, "path", base_dir, store)
     if record.path.endswith(".npy"):
         frames = np.load(io.BytesIO(data) if isinstance(data, bytes) else data, allow_pickle=False)
     else:
@@ -86,6 +97,26 @@ def load_clip(record: ClipRecord, base_dir: Path | None, store=None) -> np.ndarr
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"manifest.path: clip {record.clip_id!r} is not (F, H, W, 3) uint8 (got {frames.shape} {frames.dtype})")
     return frames
+
+
+def load_subject_mask(record: ClipRecord, base_dir: Path | None, store=None) -> np.ndarray:
+    """(F, H, W) bool subject mask of one clip (manifest column subject_mask)."""
+    if record.subject_mask is None:
+        raise ValueError(f"manifest.subject_mask: clip {record.clip_id!r} has none (subject_loss_weight needs one per clip)")
+    data = _locate(record, "subject_mask", base_dir, store)
+    mask = np.load(io.BytesIO(data) if isinstance(data, bytes) else data, allow_pickle=False)
+    if mask.ndim != 3:
+        raise ValueError(f"manifest.subject_mask: clip {record.clip_id!r} is not (F, H, W) (got {mask.shape})")
+    return mask != 0
+
+
+def latent_subject_mask(mask: np.ndarray, num_frames: int, spatial: int, temporal: int) -> torch.Tensor:
+    """(f, h, w) float {0, 1} on the latent grid: a latent cell is subject when any pixel it encodes is
+    (the causal VAE: latent frame 0 is pixel frame 0, latent frame j >= 1 pixel frames t(j-1)+1 .. tj)."""
+    m = torch.from_numpy(np.ascontiguousarray(mask[:num_frames])).float()
+    groups = [m[:1]] + [m[1 + temporal * j : 1 + temporal * (j + 1)] for j in range((num_frames - 1) // temporal)]
+    per_frame = torch.stack([g.amax(0) for g in groups])  # (f, H, W)
+    return torch.nn.functional.max_pool2d(per_frame[:, None], spatial)[:, 0]
 
 
 class ClipLatents:
@@ -99,6 +130,7 @@ class ClipLatents:
         self._memory: dict[int, torch.Tensor] = {}
         self._motion: dict[int, torch.Tensor] = {}
         self._text: dict[str, torch.Tensor] = {}
+        self._subject: dict[int, torch.Tensor] = {}
         self._zeros_u: torch.Tensor | None = None
 
     def candidate_frames(self, n: int) -> list[int]:
@@ -169,6 +201,27 @@ class ClipLatents:
         """({clip: (z, f, h, w)}, {clip: (z, K, h, w) memory candidates}, {clip: u for MI2V})."""
         shot, mem, motion = self._fill(list(ids) + list(memory_ids), motion_ids)
         return shot, mem, motion
+
+    def subject_masks(self, ids: Sequence[int]) -> dict[int, torch.Tensor]:
+        """{clip: (f, h, w) latent-grid subject mask} (manifest column subject_mask; cached)."""
+        out = {}
+        for i in dict.fromkeys(ids):
+            if i not in self._subject:
+                mask = load_subject_mask(self.records[i], self.base_dir, self.store)
+                if mask.shape[0] < self.num_frames or mask.shape[1:] != (self.height, self.width):
+                    raise ValueError(
+                        f"manifest.subject_mask: clip {self.records[i].clip_id!r} is {mask.shape}, training needs "
+                        f"({self.num_frames}+, {self.height}, {self.width})"
+                    )
+                lat = latent_subject_mask(
+                    mask, self.num_frames, self.pipe.vae_scale_factor_spatial, self.pipe.vae_scale_factor_temporal
+                )
+                if not self.cache:
+                    out[i] = lat
+                    continue
+                self._subject[i] = lat
+            out[i] = self._subject[i]
+        return out
 
     def zeros_condition(self) -> torch.Tensor:
         if self._zeros_u is None:

@@ -13,11 +13,18 @@ class M2VLoss(nn.Module):
     """Holds the expert(s) being trained; forward(batch) -> the summed per-sample flow-matching loss
     divided by the local batch size. One module, so that DDP wraps every expert at once."""
 
-    def __init__(self, experts: dict[str, nn.Module], memory_loss_weight: float = 0.0, first_frame_loss_weight: float = 1.0):
+    def __init__(
+        self,
+        experts: dict[str, nn.Module],
+        memory_loss_weight: float = 0.0,
+        first_frame_loss_weight: float = 1.0,
+        subject_loss_weight: float = 1.0,
+    ):
         super().__init__()
         self.experts = nn.ModuleDict(experts)
         self.memory_loss_weight = memory_loss_weight
         self.first_frame_loss_weight = first_frame_loss_weight
+        self.subject_loss_weight = subject_loss_weight
 
     def forward(self, parts: dict[str, dict], batch_size: int) -> torch.Tensor:
         total = None
@@ -37,7 +44,12 @@ class M2VLoss(nn.Module):
                 )[0]
             # Velocity target on the shot's latent frames; the memory part only with memory_loss_weight.
             err = (pred.float() - (part["noise"] - clean)).pow(2)
-            per_frame = err[:, :, m:].mean(dim=(1, 3, 4))  # (b, f)
+            if self.subject_loss_weight != 1.0 and "subject" in part:
+                # A weighted mean over each frame's cells: subject cells (b, f, h, w) count w times.
+                cells = 1.0 + (self.subject_loss_weight - 1.0) * part["subject"]
+                per_frame = (err[:, :, m:].mean(dim=1) * cells).sum(dim=(2, 3)) / cells.sum(dim=(2, 3))  # (b, f)
+            else:
+                per_frame = err[:, :, m:].mean(dim=(1, 3, 4))  # (b, f)
             if self.first_frame_loss_weight != 1.0:
                 # A weighted mean over the shot's latent frames: the first one (the causal VAE's
                 # single-frame latent) counts w times, and the loss keeps its scale.

@@ -29,9 +29,11 @@ from .. import toyworld
 
 log = logging.getLogger(__name__)
 
-# The head's target for a frame with a visible character (0 without); the quality filter's cut is
-# storymem.config.EMBEDDED_QUALITY_THRESHOLD, half of it.
+# The head's target for a frame with a visible character (0 without). Half of it separates visible from
+# blank frames (how the scorer is checked); the memory bank's cut, storymem.config.EMBEDDED_QUALITY_THRESHOLD,
+# asks for more: a clearly visible character.
 TOY_VISIBLE_SCORE = 10.0
+TOY_VISIBILITY_CUT = TOY_VISIBLE_SCORE / 2
 
 
 def blend_toward_background(clips: np.ndarray, alphas: np.ndarray) -> np.ndarray:

@@ -123,7 +123,7 @@ class Trainer:
             if cfg.gradient_checkpointing:
                 model.enable_gradient_checkpointing()
             model.train()
-        self.loss_module = M2VLoss(self.experts, cfg.memory_loss_weight, cfg.first_frame_loss_weight)
+        self.loss_module = M2VLoss(self.experts, cfg.memory_loss_weight, cfg.first_frame_loss_weight, cfg.subject_loss_weight)
         self.params = [p for p in self.loss_module.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("lora_targets: no trainable parameters (no module matched)")
@@ -152,6 +152,13 @@ class Trainer:
         if not self.groups:
             raise ValueError("manifest.group_id: no group has two or more clips; memory frames come from other clips of a group")
         self.eligible = [i for ids in self.groups.values() for i in ids]
+        if cfg.subject_loss_weight != 1.0:
+            lacking = [self.records[i].clip_id for i in self.eligible if self.records[i].subject_mask is None]
+            if lacking:
+                raise ValueError(
+                    f"subject_loss_weight: {cfg.subject_loss_weight} needs the manifest's subject_mask column for every "
+                    f"clip; {len(lacking)} have none, e.g. {lacking[:3]}"
+                )
         self.data = ClipLatents(
             self.pipe, self.records, base_dir, self.store, self.height, self.width, self.num_frames,
             cfg.memory_candidates, cfg.cache_latents,
@@ -259,6 +266,7 @@ class Trainer:
         )
         prompts = [self.uncond[p["uncond"]] if p["uncond"] is not None else self.records[p["clip"]].prompt for p in plan]
         text = self.data.text(prompts)
+        subject = self.data.subject_masks([p["clip"] for p in plan]) if self.cfg.subject_loss_weight != 1.0 else None
         z, f, h, w = next(iter(shot.values())).shape
         parts: dict[str, dict] = {}
         for k, p in enumerate(plan):
@@ -279,6 +287,8 @@ class Trainer:
             part["condition"].append(cond)
             part["sigma"].append(p["sigma"])
             part["text"].append(text[k : k + 1])
+            if subject is not None:
+                part.setdefault("subject", []).append(subject[p["clip"]][None])
         dev = self.device
         out = {}
         for name in self.experts:  # fixed order: every process runs the experts in the same order
@@ -293,6 +303,8 @@ class Trainer:
                 text=torch.cat(part["text"]).to(dev),
                 num_memory=m,
             )
+            if "subject" in part:
+                out[name]["subject"] = torch.cat(part["subject"]).to(dev)
         return out
 
     # -- steps --------------------------------------------------------------------------------
