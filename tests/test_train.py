@@ -302,14 +302,8 @@ def test_gloo_data_parallel_matches_single_process(manifest, tmp_path):
     assert nonzero > len(single["grads"]) // 4  # both experts' LoRA B matrices got gradients
 
 
-def test_first_frame_loss_weight_is_a_weighted_mean_over_shot_frames(manifest, tmp_path):
-    """first_frame_loss_weight w: the shot loss is (w * e0 + e1 + ... + e_{f-1}) / (w + f - 1) of the
-    per-frame errors e_k; w = 1 is the plain mean (the paper's loss, and the older checkpoints')."""
-    from storymem.training import M2VLoss
-
-    trainer = Trainer(config(manifest, tmp_path / "ffw", memory_dropout=0.0, min_memory=2, max_memory=2))
-    batch = trainer.build_batch(0)
-    name, part = next(iter(batch.items()))
+def _shot_errors(trainer, name, part):
+    """(b, z, f, h, w) squared velocity errors of one expert's batch part on the shot's latent frames."""
     model = trainer.experts[name]
     m = part["num_memory"]
     sigma = part["sigma"].view(-1, 1, 1, 1, 1)
@@ -317,7 +311,17 @@ def test_first_frame_loss_weight_is_a_weighted_mean_over_shot_frames(manifest, t
     with torch.no_grad(), memory_frames(model, m):
         pred = model(hidden_states=torch.cat([noisy, part["condition"]], 1), timestep=part["sigma"] * 1000.0,
                      encoder_hidden_states=part["text"], return_dict=False)[0]  # fmt: skip
-    per_frame = (pred - (part["noise"] - part["clean"])).pow(2)[:, :, m:].mean(dim=(1, 3, 4))  # (b, f)
+    return (pred - (part["noise"] - part["clean"])).pow(2)[:, :, m:]
+
+
+def test_first_frame_loss_weight_is_a_weighted_mean_over_shot_frames(manifest, tmp_path):
+    """first_frame_loss_weight w: the shot loss is (w * e0 + e1 + ... + e_{f-1}) / (w + f - 1) of the
+    per-frame errors e_k; w = 1 is the plain mean (the paper's loss, and the older checkpoints')."""
+    from storymem.training import M2VLoss
+
+    trainer = Trainer(config(manifest, tmp_path / "ffw", memory_dropout=0.0, min_memory=2, max_memory=2))
+    name, part = next(iter(trainer.build_batch(0).items()))
+    per_frame = _shot_errors(trainer, name, part).mean(dim=(1, 3, 4))  # (b, f)
     b, f = per_frame.shape
     with torch.no_grad():
         plain = M2VLoss(trainer.experts)({name: part}, b)
@@ -352,14 +356,7 @@ def test_subject_loss_weight_is_a_weighted_mean_over_each_frames_cells(tmp_path)
     name, part = next(iter(batch.items()))
     subject = part["subject"]  # (b, f, h, w)
     assert subject.shape[0] == part["clean"].shape[0] and 0 < subject.mean() < 0.5
-    model = trainer.experts[name]
-    m = part["num_memory"]
-    sigma = part["sigma"].view(-1, 1, 1, 1, 1)
-    noisy = (1.0 - sigma) * part["clean"] + sigma * part["noise"]
-    with torch.no_grad(), memory_frames(model, m):
-        pred = model(hidden_states=torch.cat([noisy, part["condition"]], 1), timestep=part["sigma"] * 1000.0,
-                     encoder_hidden_states=part["text"], return_dict=False)[0]  # fmt: skip
-    cell = (pred - (part["noise"] - part["clean"])).pow(2)[:, :, m:].mean(1)  # (b, f, h, w)
+    cell = _shot_errors(trainer, name, part).mean(1)  # (b, f, h, w)
     b = cell.shape[0]
     cells = 1.0 + 3.0 * subject
     expected = ((cell * cells).sum((2, 3)) / cells.sum((2, 3))).mean(1).sum() / b
