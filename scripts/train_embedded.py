@@ -15,8 +15,9 @@ Stages (each skipped when its output is already in --workdir, so an interrupted 
    and write it to --scorer-out, which ScoringConfig's embedded_scorer 'trained' loads.
 
 --init-from BUNDLE continues a bundle instead (its VAE and transformer; stages 2 and the fresh
-transformer are skipped): the shipped bundle is the first bundle's recipe plus two such
-continuations, the last on one memory frame (README, 'Evaluation and training').
+transformer are skipped): the shipped bundle is the first bundle's recipe plus three such
+continuations, the last two on one memory frame, the last with the character's latent cells
+weighted in the loss (--subject-weight; README, 'Evaluation and training').
 
 One transformer serves both experts: at this size a model per half of the noise range would see
 half the data each for no gain, and the pipeline's two-expert switch still runs on the demo.
