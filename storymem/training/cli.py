@@ -22,7 +22,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
         "below, flags winning. Multi-process: launch with torchrun (gloo on CPU, nccl on GPU).",
     )
     p.add_argument("--config", type=Path, default=None, help="YAML or JSON file of TrainConfig fields")
-    p.add_argument("--manifest", default=None, help="Parquet manifest (clip_id, group_id, path, prompt)")
+    p.add_argument("--manifest", default=None, help="Parquet manifest (clip_id, group_id, path, prompt; optional subject_mask)")
     p.add_argument("--store", default=None, help="'s3://bucket' or a folder holding manifest and clips")
     p.add_argument("--output-dir", type=Path, default=None, help="checkpoints and final weights")
     p.add_argument("--full", action="store_true", default=None, help="full fine-tuning instead of a LoRA")
