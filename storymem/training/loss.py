@@ -44,8 +44,9 @@ class M2VLoss(nn.Module):
                 )[0]
             # Velocity target on the shot's latent frames; the memory part only with memory_loss_weight.
             err = (pred.float() - (part["noise"] - clean)).pow(2)
-            if self.subject_loss_weight != 1.0 and "subject" in part:
-                # A weighted mean over each frame's cells: subject cells (b, f, h, w) count w times.
+            if self.subject_loss_weight != 1.0:
+                # A weighted mean over each frame's cells: subject cells (b, f, h, w) count w times. The
+                # trainer puts "subject" in every part exactly when the weight is not 1.
                 cells = 1.0 + (self.subject_loss_weight - 1.0) * part["subject"]
                 per_frame = (err[:, :, m:].mean(dim=1) * cells).sum(dim=(2, 3)) / cells.sum(dim=(2, 3))  # (b, f)
             else:
