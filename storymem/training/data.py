@@ -206,21 +206,20 @@ class ClipLatents:
         """{clip: (f, h, w) latent-grid subject mask} (manifest column subject_mask; cached)."""
         out = {}
         for i in dict.fromkeys(ids):
-            if i not in self._subject:
-                mask = load_subject_mask(self.records[i], self.base_dir, self.store)
-                if mask.shape[0] < self.num_frames or mask.shape[1:] != (self.height, self.width):
-                    raise ValueError(
-                        f"manifest.subject_mask: clip {self.records[i].clip_id!r} is {mask.shape}, training needs "
-                        f"({self.num_frames}+, {self.height}, {self.width})"
-                    )
-                lat = latent_subject_mask(
-                    mask, self.num_frames, self.pipe.vae_scale_factor_spatial, self.pipe.vae_scale_factor_temporal
+            if i in self._subject:
+                out[i] = self._subject[i]
+                continue
+            mask = load_subject_mask(self.records[i], self.base_dir, self.store)
+            if mask.shape[0] < self.num_frames or mask.shape[1:] != (self.height, self.width):
+                raise ValueError(
+                    f"manifest.subject_mask: clip {self.records[i].clip_id!r} is {mask.shape}, training needs "
+                    f"({self.num_frames}+, {self.height}, {self.width})"
                 )
-                if not self.cache:
-                    out[i] = lat
-                    continue
-                self._subject[i] = lat
-            out[i] = self._subject[i]
+            out[i] = latent_subject_mask(
+                mask, self.num_frames, self.pipe.vae_scale_factor_spatial, self.pipe.vae_scale_factor_temporal
+            )
+            if self.cache:
+                self._subject[i] = out[i]
         return out
 
     def zeros_condition(self) -> torch.Tensor:
