@@ -17,7 +17,7 @@ Factors:
   first_frame  colour of a generated shot's frame 0 vs its later frames
   t2v          text-only shots: how often a character appears, by text CFG
   mr2v         shot 1 from a reference image (the demo's story)
-  generated    memory from a generated (text-only) shot 1: 3 frames vs frame 0 only
+  generated    memory from a generated (text-only) shot 1: 3 frames vs frame 0, the middle or the last frame only
   bank         what the memory bank holds in a story run (keyframe selection with the embedded CLIP)
   prior        how varied text-only characters are (the memory-removed baseline: a model that always
                draws one average colour scores ~0.21 against held-out characters, a varied one ~0.29)
@@ -43,7 +43,7 @@ FACTORS = ("vae", "guidance", "steps", "frames", "swap", "first_frame", "t2v", "
 
 
 class Bench:
-    def __init__(self, stories: int, seed: int, bundle: Path | None = None):
+    def __init__(self, stories: int, seed: int, bundle: Path | None = None, noise_offset: float | None = None):
         from storymem.pipeline import build_pipeline
         from storymem.script import GenerationSettings
 
@@ -52,6 +52,7 @@ class Bench:
         self.gen = dict(
             height=s.height, width=s.width, num_frames=s.num_frames, num_inference_steps=s.num_inference_steps,
             guidance_scale=s.guidance_scale, memory_guidance_scale=s.memory_guidance_scale, shift=s.shift,
+            noise_offset=noise_offset or 0.0,
         )
         self.h, self.w, self.f = s.height, s.width, s.num_frames
         self.max_memory, self.fix, self.seed = s.max_memory_size, s.fix, seed
@@ -163,7 +164,13 @@ class Bench:
         gens = [self.pipe(st.prompts[0], seed=100 * i, **self.gen).frames for i, st in enumerate(self.stories)]
         found = np.asarray([toyworld.identity_descriptor(g).found for g in gens])
         self.add("generated", "text-only shot 1", f"frames with a character {found.mean():.0%}, shots with none {np.mean(found == 0):.0%}")
-        for name, pick in (("3 evenly spaced frames", lambda g: self.frames_of(g, 3)), ("frame 0 only", lambda g: [g[0]])):
+        picks = (
+            ("3 evenly spaced frames", lambda g: self.frames_of(g, 3)),
+            ("frame 0 only", lambda g: [g[0]]),
+            ("the middle frame only", lambda g: [g[len(g) // 2]]),
+            ("the last frame only", lambda g: [g[-1]]),
+        )
+        for name, pick in picks:
             self.add("generated", f"memory: {name}", self.identity(lambda i: pick(gens[i]), against=lambda i: gens[i]))
 
     def bank(self):
@@ -215,12 +222,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=2026, help="held-out story draw")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--bundle", type=Path, default=None, help="embedded weights (default: the shipped bundle)")
+    p.add_argument("--noise-offset", type=float, default=None, help="per-channel offset of the initial noise (storymem.pipeline.offset_noise; default 0)")
     args = p.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
-    bench = Bench(args.stories, args.seed, args.bundle)
+    bench = Bench(args.stories, args.seed, args.bundle, args.noise_offset)
     print(f"| factor | setting | result |  ({args.stories} held-out stories, draw {args.seed})\n| --- | --- | --- |")
     for name in args.factors:
         t0 = time.perf_counter()

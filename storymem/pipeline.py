@@ -75,6 +75,21 @@ def make_timesteps(scheduler: UniPCMultistepScheduler, num_inference_steps: int,
     return scheduler
 
 
+def offset_noise(shape, offset: float, generator: torch.Generator) -> torch.Tensor:
+    """Standard normal noise of `shape` (batch, channels, frames, height, width) plus `offset` times one
+    normal draw per sample and channel, constant over frames and space, renormalised to unit variance.
+
+    offset 0 gives exactly torch.randn(shape), the draw of Wan and of every shipped model. A model trained
+    on i.i.d. noise carries a sampling offset into the colour of the whole frame; training with it
+    (TrainConfig.noise_offset) teaches the model to remove it again (docs/identity.md, measured on the
+    embedded model)."""
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    if offset == 0:
+        return noise
+    const = torch.randn((shape[0], shape[1], 1, 1, 1), generator=generator, dtype=torch.float32)
+    return (noise + offset * const) / (1.0 + offset**2) ** 0.5
+
+
 def _as_image(frame) -> torch.Tensor:
     x = frame if isinstance(frame, torch.Tensor) else torch.from_numpy(np.array(frame))  # a copy: frames from Ray's object store are read-only
     if x.ndim != 3 or x.shape[-1] != 3:
@@ -320,6 +335,7 @@ class StoryMemPipeline(DiffusionPipeline):
         t2v_shift: float = 12.0,
         t2v_guidance_scale: float | None = None,
         t2v_guidance_scale_2: float | None = None,
+        noise_offset: float = 0.0,
         seed: int | None = 0,
         generator: torch.Generator | None = None,
         max_sequence_length: int | None = None,
@@ -342,6 +358,8 @@ class StoryMemPipeline(DiffusionPipeline):
         (shift 12 and boundary 0.875 for Wan2.2-T2V-A14B; guidance None: guidance_scale(_2)). Without a
         text-to-video model, a T2V shot is made by the M2V model with empty memory and M2V sampling,
         and the output's `notes` say so.
+        noise_offset: per-channel offset of the initial noise (`offset_noise`); 0 (the default) is Wan's
+        i.i.d. noise. Not a story setting: a sampling experiment (bench/identity_factors.py, bench/proof.py).
         """
         timings: dict[str, float] = {}
         memory = list(memory) if memory is not None else []
@@ -375,6 +393,8 @@ class StoryMemPipeline(DiffusionPipeline):
                 guidance_scale_2 = t2v_guidance_scale if t2v_guidance_scale_2 is None else t2v_guidance_scale_2
         if memory_guidance_scale < 1.0:
             raise ValueError(f"memory_guidance_scale: must be >= 1 (1 = off), got {memory_guidance_scale}")
+        if noise_offset < 0:
+            raise ValueError(f"noise_offset: must be >= 0, got {noise_offset}")
         do_cfg = guidance_scale > 1.0 or (boundary is not None and guidance_scale_2 > 1.0)
 
         t0 = time.perf_counter()
@@ -405,7 +425,7 @@ class StoryMemPipeline(DiffusionPipeline):
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(0 if seed is None else int(seed))
         z = self.vae.config.z_dim
-        latents = torch.randn((1, z, m + f, h, w), generator=generator, dtype=torch.float32).to(device)
+        latents = offset_noise((1, z, m + f, h, w), noise_offset, generator).to(device)
         scheduler = self.shot_scheduler(num_inference_steps, shift, device, sigma_schedule)
         for t in (high, low):
             if t is not None and getattr(t, "is_cache_enabled", False):

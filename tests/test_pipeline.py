@@ -7,7 +7,7 @@ import torch
 from storymem.config import ModelConfig
 from storymem.lora import LoraKeyError, convert_to_diffusers, load_m2v_lora, native_lora_state_dict
 from storymem.models import TinyWanConfig, build_embedded, tiny_transformer
-from storymem.pipeline import StoryMemPipeline, build_pipeline
+from storymem.pipeline import StoryMemPipeline, build_pipeline, offset_noise
 
 SIZE = dict(height=32, width=48, num_frames=9, num_inference_steps=4, guidance_scale=2.0)
 
@@ -127,6 +127,25 @@ def test_bad_inputs_name_the_field(pipe, shot):
         pipe("x", **{**SIZE, "height": 36})
     with pytest.raises(ValueError, match="motion_frames"):
         pipe("x", memory=[shot[0]], motion_frames=shot[-3:], **SIZE)
+
+
+def test_offset_noise_is_plain_noise_at_zero_and_a_shared_channel_shift_otherwise():
+    shape = (64, 4, 3, 8, 8)
+    g = lambda: torch.Generator().manual_seed(5)
+    torch.testing.assert_close(offset_noise(shape, 0.0, g()), torch.randn(shape, generator=g()), rtol=0, atol=0)
+    plain, shifted = offset_noise(shape, 0.0, g()), offset_noise(shape, 1.0, g())
+    # The offset is one value per sample and channel: means over frames and space spread by ~offset/sqrt(1 + offset^2).
+    spread = lambda x: x.mean(dim=(2, 3, 4)).std().item()
+    assert spread(plain) < 0.1 and 0.6 < spread(shifted) < 0.8
+    assert abs(shifted.std().item() - 1.0) < 0.05  # renormalised: the sampler's sigma_max still means unit noise
+
+
+def test_noise_offset_reaches_the_initial_latents(pipe):
+    run = lambda off: pipe("the robot looks up", seed=3, output_type="latent", noise_offset=off, **{**SIZE, "num_inference_steps": 1}).frames
+    torch.testing.assert_close(run(0.0), run(0.0), rtol=0, atol=0)
+    assert (run(0.5) - run(0.0)).abs().mean() > 1e-2
+    with pytest.raises(ValueError, match="noise_offset"):
+        run(-0.1)
 
 
 def test_step_callback_can_stop_a_shot(pipe):

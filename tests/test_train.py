@@ -146,6 +146,17 @@ def test_samples_follow_the_recipe(manifest, tmp_path):
     assert trainer.sigma_range("high") == (0.9, 1.0) and trainer.sigma_range("low") == (0.0, 0.9)
 
 
+def test_noise_offset_shifts_each_samples_noise_by_one_value_per_channel(manifest, tmp_path):
+    """TrainConfig.noise_offset: each sample's noise gets its own per-channel constant (what sampling with
+    GenerationSettings.noise_offset draws); 0 keeps the i.i.d. draw of before."""
+    def channel_means(offset):
+        batch = Trainer(config(manifest, tmp_path / f"off{offset}", batch_size=8, noise_offset=offset)).build_batch(0)
+        return torch.cat([part["noise"].mean(dim=(2, 3, 4)) for part in batch.values()])
+
+    plain, shifted = channel_means(0.0), channel_means(1.0)
+    assert plain.std() < 0.1 and shifted.std() > 0.4
+
+
 def test_manifest_and_clips_from_s3(manifest, tmp_path, s3_store):
     root = Path(manifest).parent
     for path in [manifest, *sorted((root / "clips").glob("*.npy"))]:

@@ -71,6 +71,15 @@ class TrainConfig(BaseModel):
         None, description="Prompts used by text dropout; None: the pipeline's and the scripts' default negatives."
     )
     timestep_shift: float = Field(1.0, gt=0.0, description="1: sigma uniform; s > 1 shifts samples to high noise.")
+    noise_offset: float = Field(
+        0.0,
+        ge=0.0,
+        le=4.0,
+        description="Per-channel offset added to each sample's noise, constant over time and space, the sum "
+        "renormalised to unit variance (storymem.pipeline.offset_noise, which the pipeline's noise_offset "
+        "samples with). 0: i.i.d. noise (the paper). > 0 trains the model to remove a frame-wide colour "
+        "shift of the noise (diffusers' training scripts offer the same as noise_offset, unrenormalised).",
+    )
     memory_loss_weight: float = Field(
         0.0,
         ge=0.0,

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..m2v import ShotMode, build_condition, build_mask
+from ..pipeline import offset_noise
 from .config import TrainConfig
 from .data import ClipLatents, open_clip_store, read_clip_manifest
 from .loss import M2VLoss
@@ -280,7 +281,7 @@ class Trainer:
             )  # fmt: skip
             cond = build_condition(None if memory is None else memory[None], u[None], mask)
             clean = shot[p["clip"]][None] if memory is None else torch.cat([memory[None], shot[p["clip"]][None]], dim=2)
-            noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(p["noise_seed"]))
+            noise = offset_noise(clean.shape, self.cfg.noise_offset, torch.Generator().manual_seed(p["noise_seed"]))
             part = parts.setdefault(p["expert"], {"clean": [], "noise": [], "condition": [], "sigma": [], "text": []})
             part["clean"].append(clean)
             part["noise"].append(noise)
