@@ -43,7 +43,7 @@ FACTORS = ("vae", "guidance", "steps", "frames", "swap", "first_frame", "t2v", "
 
 
 class Bench:
-    def __init__(self, stories: int, seed: int, bundle: Path | None = None, noise_offset: float | None = None):
+    def __init__(self, stories: int, seed: int, bundle: Path | None = None, noise_offset: float = 0.0):
         from storymem.pipeline import build_pipeline
         from storymem.script import GenerationSettings
 
@@ -52,7 +52,7 @@ class Bench:
         self.gen = dict(
             height=s.height, width=s.width, num_frames=s.num_frames, num_inference_steps=s.num_inference_steps,
             guidance_scale=s.guidance_scale, memory_guidance_scale=s.memory_guidance_scale, shift=s.shift,
-            noise_offset=noise_offset or 0.0,
+            noise_offset=noise_offset,
         )
         self.h, self.w, self.f = s.height, s.width, s.num_frames
         self.max_memory, self.fix, self.seed = s.max_memory_size, s.fix, seed
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=2026, help="held-out story draw")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--bundle", type=Path, default=None, help="embedded weights (default: the shipped bundle)")
-    p.add_argument("--noise-offset", type=float, default=None, help="per-channel offset of the initial noise (storymem.pipeline.offset_noise; default 0)")
+    p.add_argument("--noise-offset", type=float, default=0.0, help="per-channel offset of the initial noise (storymem.pipeline.offset_noise)")
     args = p.parse_args(argv)
 
     import torch

@@ -83,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--memory-dropout", type=float, default=0.1, help="share of steps without memory")
     p.add_argument("--first-frame-weight", type=float, default=1.0, help="loss weight of a shot's first latent frame")
     p.add_argument("--subject-weight", type=float, default=1.0, help="loss weight of the character's latent cells (TrainConfig.subject_loss_weight)")
-    p.add_argument("--noise-offset", type=float, default=0.0, help="per-channel noise offset in training (TrainConfig.noise_offset; the profile must sample with it)")
+    p.add_argument("--noise-offset", type=float, default=0.0, help="per-channel noise offset in training (TrainConfig.noise_offset; 0 in the shipped recipe, docs/identity.md)")
     p.add_argument("--threads", type=int, default=1, help="1 when other jobs share a 2-core machine; 2 on an idle one (0.39-0.46 s a step against 0.50)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument(
