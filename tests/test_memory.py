@@ -102,7 +102,7 @@ def test_quality_threshold_auto_follows_the_scorer(tmp_path):
 
     assert MemoryConfig().quality_threshold == "auto"
     # The trained embedded scorer (a head that scores toy-character visibility 0 or 10): its cut.
-    assert StoryMemConfig().memory.quality_threshold == EMBEDDED_QUALITY_THRESHOLD == 9.0
+    assert StoryMemConfig().memory.quality_threshold == EMBEDDED_QUALITY_THRESHOLD == 7.5
     # The seeded one (random aesthetic head): no filter.
     seeded = StoryMemConfig(scoring=ScoringConfig(embedded_scorer="seeded"))
     assert seeded.memory.quality_threshold is None
