@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     p.add_argument("--memory-guidance", type=float, default=None, help="memory guidance scale (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     p.add_argument("--max-memory-size", type=int, default=None, help="memory bank capacity (default: the model's)")
-    p.add_argument("--noise-offset", type=float, default=None, help="per-channel offset of the initial noise (storymem.pipeline.offset_noise; default 0)")
+    p.add_argument("--noise-offset", type=float, default=0.0, help="per-channel offset of the initial noise (storymem.pipeline.offset_noise)")
     p.add_argument("--fix", type=int, default=None, help="memory sink size (default: the model's)")
     p.add_argument("--scorer", choices=["trained", "seeded"], default="trained", help="embedded scorer weights (ScoringConfig.embedded_scorer)")
     args = p.parse_args(argv)
@@ -162,8 +162,7 @@ def main(argv=None) -> int:
         max_memory = args.max_memory_size
     if args.fix is not None:
         gen["fix"] = args.fix
-    if args.noise_offset is not None:
-        gen["noise_offset"] = args.noise_offset
+    gen["noise_offset"] = args.noise_offset
     report["memory_guidance_scale"] = gen["memory_guidance_scale"]
     report["max_memory_size"] = max_memory
     strip = None

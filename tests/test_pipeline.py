@@ -142,7 +142,6 @@ def test_offset_noise_is_plain_noise_at_zero_and_a_shared_channel_shift_otherwis
 
 def test_noise_offset_reaches_the_initial_latents(pipe):
     run = lambda off: pipe("the robot looks up", seed=3, output_type="latent", noise_offset=off, **{**SIZE, "num_inference_steps": 1}).frames
-    torch.testing.assert_close(run(0.0), run(0.0), rtol=0, atol=0)
     assert (run(0.5) - run(0.0)).abs().mean() > 1e-2
     with pytest.raises(ValueError, match="noise_offset"):
         run(-0.1)

@@ -147,8 +147,8 @@ def test_samples_follow_the_recipe(manifest, tmp_path):
 
 
 def test_noise_offset_shifts_each_samples_noise_by_one_value_per_channel(manifest, tmp_path):
-    """TrainConfig.noise_offset: each sample's noise gets its own per-channel constant (what sampling with
-    GenerationSettings.noise_offset draws); 0 keeps the i.i.d. draw of before."""
+    """TrainConfig.noise_offset: each sample's noise gets its own per-channel constant (what the
+    pipeline's noise_offset samples with); 0 keeps the i.i.d. draw of before."""
     def channel_means(offset):
         batch = Trainer(config(manifest, tmp_path / f"off{offset}", batch_size=8, noise_offset=offset)).build_batch(0)
         return torch.cat([part["noise"].mean(dim=(2, 3, 4)) for part in batch.values()])
