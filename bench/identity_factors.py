@@ -55,7 +55,7 @@ class Bench:
             noise_offset=noise_offset,
         )
         self.h, self.w, self.f = s.height, s.width, s.num_frames
-        self.max_memory, self.fix, self.seed = s.max_memory_size, s.fix, seed
+        self.max_memory, self.fix, self.keyframe_skip, self.seed = s.max_memory_size, s.fix, s.keyframe_skip, seed
         self.stories = toyworld.make_stories(stories, 3, seed=seed, split="heldout")
         self.firsts = [toyworld.render_shot(st.character, st.shots[0], self.h, self.w, self.f) for st in self.stories]
         self.rows: list[tuple[str, str, str]] = []
@@ -186,10 +186,11 @@ class Bench:
         sizes, taken = [], []
         for i, st in enumerate(self.stories):
             bank, cfg = MemoryBank(max_size=self.max_memory, fix=self.fix), MemoryConfig()
-            taken.append(len(bank.update(0, self.firsts[i], scorer.embed_images(self.firsts[i]), None, cfg, tail_frames=0)))
+            taken.append(len(bank.update(0, self.firsts[i], scorer.embed_images(self.firsts[i]), None, cfg, tail_frames=0,
+                                         skip=self.keyframe_skip)))
             for k in (1, 2):
                 out = self.pipe(st.prompts[k], memory=bank.images(), seed=100 * i + k, **self.gen).frames
-                taken.append(len(bank.update(k, out, scorer.embed_images(out), None, cfg, tail_frames=0)))
+                taken.append(len(bank.update(k, out, scorer.embed_images(out), None, cfg, tail_frames=0, skip=self.keyframe_skip)))
             sizes.append(len(bank.frames))
         taken = np.asarray(taken).reshape(n, 3)
         self.add("bank", "keyframes taken per shot (shots 1, 2, 3)", f"{taken.mean(0).round(2).tolist()}; bank size after 3 shots {np.mean(sizes):.2f}")

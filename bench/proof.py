@@ -23,6 +23,7 @@ other story's. Background error checks that the prompt's background is followed 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -66,6 +67,12 @@ def meets(setting: str, res: dict) -> bool:
     return m["colour_error"] < 0.75 * r["colour_error"] and m["shots_with_character"] >= 0.9
 
 
+def skipped(n: int) -> str:
+    if n == 0:
+        return ""
+    return ", no keyframe from a shot's first frame" if n == 1 else f", no keyframe from a shot's first {n} frames"
+
+
 def markdown(report: dict) -> str:
     seeds = list(report["draws"])
     lines = [
@@ -76,7 +83,8 @@ def markdown(report: dict) -> str:
         "occur in training and never in the prompts, which name only the action and the background). Every shot "
         "is made by the real `StoryMemPipeline` with the shipped tiny bundle and the real memory bank with the "
         "embedded scorer (keyframes by CLIP similarity, the quality filter, sink + window of at most "
-        f"{report['max_memory_size']} frame{'s' if report['max_memory_size'] != 1 else ''}; memory guidance scale {report['memory_guidance_scale']:g}, text CFG as the "
+        f"{report['max_memory_size']} frame{'s' if report['max_memory_size'] != 1 else ''}{skipped(report['keyframe_skip'])}; "
+        f"memory guidance scale {report['memory_guidance_scale']:g}, text CFG as the "
         "model's defaults). Lower error is better.",
         "",
         "| draw | first appearance | condition | colour error | colour error (visible) | shape error | identity match | character found | shots with it | memory frames | background error |",
@@ -138,6 +146,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-memory-size", type=int, default=None, help="memory bank capacity (default: the model's)")
     p.add_argument("--noise-offset", type=float, default=0.0, help="per-channel offset of the initial noise (storymem.pipeline.offset_noise)")
     p.add_argument("--fix", type=int, default=None, help="memory sink size (default: the model's)")
+    p.add_argument("--keyframe-skip", type=int, default=None, help="leading frames of a shot never taken as keyframes (default: the model's)")
     p.add_argument("--scorer", choices=["trained", "seeded"], default="trained", help="embedded scorer weights (ScoringConfig.embedded_scorer)")
     args = p.parse_args(argv)
 
@@ -152,25 +161,28 @@ def main(argv=None) -> int:
     if "tiny_m2v" not in profile.name and args.bundle is None:
         print("warning: no trained bundle found; the numbers are those of random weights", file=sys.stderr)
     scorer = Scorer(ScoringConfig(clip_model="tiny", embedded_scorer=args.scorer))
-    gen, max_memory = generation_kwargs(profile)
+    gen, bank_settings = generation_kwargs(profile)
     report = {"stories": args.stories, "shots": args.shots, "model": profile.name, "scorer": args.scorer, "draws": {}}
     if args.memory_guidance is not None:
         gen["memory_guidance_scale"] = args.memory_guidance
     if args.steps is not None:
         gen["num_inference_steps"] = args.steps
     if args.max_memory_size is not None:
-        max_memory = args.max_memory_size
+        bank_settings = dataclasses.replace(bank_settings, max_memory=args.max_memory_size)
+    if args.keyframe_skip is not None:
+        bank_settings = dataclasses.replace(bank_settings, keyframe_skip=args.keyframe_skip)
     if args.fix is not None:
         gen["fix"] = args.fix
     gen["noise_offset"] = args.noise_offset
     report["memory_guidance_scale"] = gen["memory_guidance_scale"]
-    report["max_memory_size"] = max_memory
+    report["max_memory_size"] = bank_settings.max_memory
+    report["keyframe_skip"] = bank_settings.keyframe_skip
     strip = None
     for seed in args.seeds:
         stories = toyworld.make_stories(args.stories, args.shots, seed, split="heldout")
         draw = report["draws"][str(seed)] = {"settings": {}}
         for setting in args.settings:
-            out = evaluate(pipe, scorer, stories, first=setting, gen=gen, max_memory=max_memory)
+            out = evaluate(pipe, scorer, stories, first=setting, gen=gen, bank_settings=bank_settings)
             draw["settings"][setting] = out["results"]
             strip = strip or (stories, out["runs"])
             for cond in ("memory", "no_memory"):

@@ -4,6 +4,8 @@ memory bank, with memory and with memory removed, measured in pixel space (story
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from . import toyworld
@@ -11,8 +13,16 @@ from .config import MemoryConfig
 from .memory import MemoryBank
 
 
-def generation_kwargs(profile) -> tuple[dict, int]:
-    """Pipeline keyword arguments of a story with default settings on this model, and the bank size."""
+@dataclass(frozen=True)
+class BankSettings:
+    """The memory bank of a proof story (the pipeline's sink size `fix` travels in the kwargs)."""
+
+    max_memory: int  # capacity in frames (GenerationSettings.max_memory_size)
+    keyframe_skip: int  # leading frames of a shot never taken as keyframes (GenerationSettings.keyframe_skip)
+
+
+def generation_kwargs(profile) -> tuple[dict, BankSettings]:
+    """Pipeline keyword arguments of a story with default settings on this model, and its bank."""
     from storymem.script import GenerationSettings
 
     s = GenerationSettings().resolve(profile.defaults)
@@ -28,29 +38,30 @@ def generation_kwargs(profile) -> tuple[dict, int]:
         memory_mask=s.memory_mask,  # the profile's: the shipped bundle was trained with window frames masked 2
         sigma_schedule=s.sigma_schedule,
     )
-    return gen, s.max_memory_size
+    return gen, BankSettings(max_memory=s.max_memory_size, keyframe_skip=s.keyframe_skip)
 
 
-def run_story(pipe, scorer, story: toyworld.ToyStory, *, memory: bool, first: str, gen: dict, max_memory: int, seed: int,
-              bank_sizes: list | None = None):
+def run_story(pipe, scorer, story: toyworld.ToyStory, *, memory: bool, first: str, gen: dict, bank_settings: BankSettings,
+              seed: int, bank_sizes: list | None = None):
     """Frames of every shot; shot 0 is the first appearance (rendered or generated). bank_sizes, when
     given, gets the number of memory frames each shot 2..N was conditioned on."""
     mcfg = MemoryConfig().resolved(scorer.cfg)  # the quality filter a story run with this scorer applies
-    bank = MemoryBank(max_size=max_memory, fix=gen["fix"])
+    bank = MemoryBank(max_size=bank_settings.max_memory, fix=gen["fix"])
+    skip = bank_settings.keyframe_skip
     h, w, f = gen["height"], gen["width"], gen["num_frames"]
     if first == "reference":
         shots = [toyworld.render_shot(story.character, story.shots[0], h, w, f)]
     else:
         shots = [pipe(story.prompts[0], seed=seed, **gen).frames]
     if memory:
-        bank.update(0, shots[0], *scorer.score_frames(shots[0]), mcfg, tail_frames=0)
+        bank.update(0, shots[0], *scorer.score_frames(shots[0]), mcfg, tail_frames=0, skip=skip)
     for k in range(1, len(story.shots)):
         if bank_sizes is not None:
             bank_sizes.append(len(bank) if memory else 0)
         out = pipe(story.prompts[k], memory=bank.images() if memory else None, seed=seed + k, **gen).frames
         shots.append(out)
         if memory:
-            bank.update(k, out, *scorer.score_frames(out), mcfg, tail_frames=0)
+            bank.update(k, out, *scorer.score_frames(out), mcfg, tail_frames=0, skip=skip)
     return shots
 
 
@@ -60,14 +71,14 @@ def background_error(frames: np.ndarray, background: str) -> float:
     return float(np.linalg.norm(np.median(border, axis=0) - want) / (255.0 * np.sqrt(3.0)))
 
 
-def evaluate(pipe, scorer, stories, *, first: str, gen: dict, max_memory: int, seed: int = 0) -> dict:
+def evaluate(pipe, scorer, stories, *, first: str, gen: dict, bank_settings: BankSettings, seed: int = 0) -> dict:
     """Per condition: mean colour/shape error of shots 2..N against shot 1, identity match, found, background."""
     results: dict = {}
     runs, sizes = {}, {}
     for cond in ("memory", "no_memory"):
         sizes[cond] = []
         runs[cond] = [
-            run_story(pipe, scorer, s, memory=cond == "memory", first=first, gen=gen, max_memory=max_memory,
+            run_story(pipe, scorer, s, memory=cond == "memory", first=first, gen=gen, bank_settings=bank_settings,
                       seed=seed + 100 * i, bank_sizes=sizes[cond])
             for i, s in enumerate(stories)
         ]

@@ -183,6 +183,15 @@ class GenerationSettings(BaseModel):
     )
     max_memory_size: int = Field(10, ge=1, le=64, description="Memory bank capacity in keyframes.")
     fix: int = Field(3, ge=0, le=64, description="Memory sink: the first `fix` keyframes are never evicted.")
+    keyframe_skip: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="Leading frames of every shot that never become keyframes (a MI2V/MM2V shot's repeated "
+        "frames are skipped anyway). 0: the method's rule, the first frame that passes the quality filter. "
+        "The embedded profile sets 1: its frame 0 (the causal VAE's single-frame latent) is its least "
+        "faithful frame (docs/identity.md).",
+    )
     memory_mask: MemoryMask = Field(
         MemoryMask.ONES,
         description="Mask value of memory frames: 'ones' (every memory frame 1, the authors' released inference) "
@@ -224,6 +233,11 @@ class GenerationSettings(BaseModel):
     def _fix_within_bank(self) -> "GenerationSettings":
         if self.fix > self.max_memory_size:
             raise _error_at(("fix",), f"must be at most max_memory_size ({self.max_memory_size}); got {self.fix}")
+        if self.keyframe_skip >= self.num_frames:
+            raise _error_at(
+                ("keyframe_skip",),
+                f"must be below num_frames ({self.num_frames}) so that a frame is left; got {self.keyframe_skip}",
+            )
         if self.size_from_reference is None:
             # Derived, not set: stored in __dict__ so exclude_unset dumps (requests, digests) leave it out
             # and a re-validation derives it again from the fields that were set.

@@ -524,7 +524,8 @@ class StoryRunner:
             tail = overlap_frames(False, self.settings.transition)
         # Keyframes come from the frames the final video keeps: the overlap frames repeat the previous shot.
         drop = 0 if k == 0 else overlap_frames(shot.cut, self.settings.transition)
-        selected = bank.update(k, data, embeddings, quality, self.memory_cfg, tail_frames=tail, skip=drop)
+        skip = max(drop, self.settings.keyframe_skip)
+        selected = bank.update(k, data, embeddings, quality, self.memory_cfg, tail_frames=tail, skip=skip)
         score_s = time.perf_counter() - t0
 
         self.emit(Phase.COMMIT, shot=k, step=steps_total)

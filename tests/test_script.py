@@ -174,6 +174,8 @@ INVALID = [
     ("width_absurd", _flat(settings={"width": 100000}), "settings.width", "2048"),
     ("height_zero", _flat(settings={"height": 0}), "settings.height", "32"),
     ("fix_over_bank", _flat(settings={"max_memory_size": 4, "fix": 5}), "settings.fix", "max_memory_size"),
+    ("skip_every_frame", _flat(settings={"num_frames": 9, "keyframe_skip": 9}), "settings.keyframe_skip", "below num_frames"),
+    ("skip_negative", _flat(settings={"keyframe_skip": -1}), "settings.keyframe_skip", "0"),
     ("seed_negative", _flat(settings={"seed": -1}), "settings.seed", "0"),
     ("shift_zero", _flat(settings={"shift": 0}), "settings.shift", "greater than 0"),
     ("transition_bogus", _flat(settings={"transition": "crossfade"}), "settings.transition", "mi2v"),
@@ -310,6 +312,7 @@ def test_settings_defaults_are_the_papers():
     s = GenerationSettings()
     assert (s.width, s.height, s.num_frames, s.fps, s.num_inference_steps) == (832, 480, 81, 16, 40)
     assert (s.guidance_scale, s.shift, s.seed, s.max_memory_size, s.fix) == (3.5, 4.0, 0, 10, 3)
+    assert s.keyframe_skip == 0  # the method's rule: the first frame that passes the quality filter
     assert s.transition is TransitionMode.MI2V
     assert s.effective_guidance_scale_2 == 3.5
     assert GenerationSettings(guidance_scale_2=5).effective_guidance_scale_2 == 5

@@ -91,6 +91,22 @@ def test_shot_records_say_how_shots_were_made(models, tmp_path):
     assert manifest.version == 2 and manifest.settings["memory_mask"] == "ones"
 
 
+def test_keyframes_skip_the_leading_frames_of_every_shot(models, tmp_path):
+    """settings.keyframe_skip: no shot gives a keyframe from its first frames (MI2V's dropped frame
+    is within them); 0, the method's rule, starts at frame 0, and the embedded profile defaults to 1."""
+    script = _script(cuts=(True, False, True))
+    script["settings"]["keyframe_skip"] = 0
+    method = _run(models, tmp_path, script, "skip0")
+    assert [kf["frame"] for kf in method.shots[0].keyframes][:1] == [0]  # frame 0 passes the quality filter
+    script["settings"]["keyframe_skip"] = 3
+    manifest = _run(models, tmp_path, script, "skip3")
+    assert manifest.settings["keyframe_skip"] == 3
+    frames = [[kf["frame"] for kf in r.keyframes] for r in manifest.shots]
+    assert frames[0] and min(min(f) for f in frames if f) >= 3, frames
+    _, profile = build_pipeline(ModelConfig(embedded_weights="random"))
+    assert GenerationSettings().resolve(profile.defaults).keyframe_skip == 1
+
+
 def test_customised_story_with_references_of_any_size(models, tmp_path):
     """MR2V with three references of different sizes and aspect ratios (portrait, landscape,
     square): every shot completes, at the first reference's aspect ratio."""
