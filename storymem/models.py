@@ -74,9 +74,9 @@ class TinyWanConfig:
             "memory_mask": "sink_window",
             "negative_prompt": EMBEDDED_NEGATIVE_PROMPT,
             # One memory frame, kept for the whole story: the first keyframe the scorer passes (the first
-            # frame after frame 0 where the character is visible). This tiny model conditions worst on more frames of
-            # one character (docs/identity.md: 3 or 6 frames raise the colour error); real weights keep
-            # the paper's bank of 10 with a sink of 3.
+            # frame after frame 0 where the character is visible). This tiny model conditions worst on
+            # more frames of one character (docs/identity.md: 3 or 6 frames raise the colour error); real
+            # weights keep the paper's bank of 10 with a sink of 3.
             "max_memory_size": 1,
             "fix": 1,
             # Its generated frame 0 is twice as far from the rest of its shot as any later frame (colour
