@@ -23,7 +23,6 @@ other story's. Background error checks that the prompt's background is followed 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -36,16 +35,16 @@ import numpy as np
 
 from storymem import toyworld
 from storymem.config import ModelConfig, ScoringConfig
-from storymem.proof import evaluate, generation_kwargs, reference_lines
+from storymem.proof import evaluate, reference_lines, story_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def save_strip(path: Path, stories, runs_by_setting: dict, gen: dict) -> None:
+def save_strip(path: Path, stories, runs_by_setting: dict, settings) -> None:
     """One story as middle frames: ground truth / with memory / without memory."""
     from PIL import Image
 
-    h, w, f = gen["height"], gen["width"], gen["num_frames"]
+    h, w, f = settings.height, settings.width, settings.num_frames
     rows = [np.concatenate([s[f // 2] for s in toyworld.render_story(stories[0], h, w, f)], axis=1)]
     for cond in ("memory", "no_memory"):
         rows.append(np.concatenate([s[f // 2] for s in runs_by_setting[cond][0]], axis=1))
@@ -161,28 +160,24 @@ def main(argv=None) -> int:
     if "tiny_m2v" not in profile.name and args.bundle is None:
         print("warning: no trained bundle found; the numbers are those of random weights", file=sys.stderr)
     scorer = Scorer(ScoringConfig(clip_model="tiny", embedded_scorer=args.scorer))
-    gen, bank_settings = generation_kwargs(profile)
+    flags = {
+        "memory_guidance_scale": args.memory_guidance,
+        "num_inference_steps": args.steps,
+        "max_memory_size": args.max_memory_size,
+        "fix": args.fix,
+        "keyframe_skip": args.keyframe_skip,
+    }
+    settings = story_settings(profile, **{k: v for k, v in flags.items() if v is not None})
     report = {"stories": args.stories, "shots": args.shots, "model": profile.name, "scorer": args.scorer, "draws": {}}
-    if args.memory_guidance is not None:
-        gen["memory_guidance_scale"] = args.memory_guidance
-    if args.steps is not None:
-        gen["num_inference_steps"] = args.steps
-    if args.max_memory_size is not None:
-        bank_settings = dataclasses.replace(bank_settings, max_memory=args.max_memory_size)
-    if args.keyframe_skip is not None:
-        bank_settings = dataclasses.replace(bank_settings, keyframe_skip=args.keyframe_skip)
-    if args.fix is not None:
-        gen["fix"] = args.fix
-    gen["noise_offset"] = args.noise_offset
-    report["memory_guidance_scale"] = gen["memory_guidance_scale"]
-    report["max_memory_size"] = bank_settings.max_memory
-    report["keyframe_skip"] = bank_settings.keyframe_skip
+    report["memory_guidance_scale"] = settings.memory_guidance_scale
+    report["max_memory_size"] = settings.max_memory_size
+    report["keyframe_skip"] = settings.keyframe_skip
     strip = None
     for seed in args.seeds:
         stories = toyworld.make_stories(args.stories, args.shots, seed, split="heldout")
         draw = report["draws"][str(seed)] = {"settings": {}}
         for setting in args.settings:
-            out = evaluate(pipe, scorer, stories, first=setting, gen=gen, bank_settings=bank_settings)
+            out = evaluate(pipe, scorer, stories, first=setting, settings=settings, noise_offset=args.noise_offset)
             draw["settings"][setting] = out["results"]
             strip = strip or (stories, out["runs"])
             for cond in ("memory", "no_memory"):
@@ -192,7 +187,7 @@ def main(argv=None) -> int:
                     f"shape {r['shape_error']:.3f} match {r['identity_match']:.2f} found {r['found']:.2f} shots {r['shots_with_character']:.2f} "
                     f"memory {r['memory_frames']:.1f} background {r['background_error']:.3f}", flush=True,
                 )
-        draw["reference_lines"] = reference_lines(pipe, stories, gen)
+        draw["reference_lines"] = reference_lines(pipe, stories, settings)
     report["seconds"] = time.perf_counter() - t0
     report["machine"] = f"{os.cpu_count()} CPU cores"
     report["command"] = ("python bench/proof.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
@@ -200,7 +195,7 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(markdown(report))
     if strip is not None:
-        save_strip(args.out.parent / "proof_story.png", strip[0], strip[1], gen)
+        save_strip(args.out.parent / "proof_story.png", strip[0], strip[1], settings)
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2))
     return 0

@@ -4,29 +4,23 @@ memory bank, with memory and with memory removed, measured in pixel space (story
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from . import toyworld
 from .config import MemoryConfig
 from .memory import MemoryBank
+from .script import GenerationSettings
 
 
-@dataclass(frozen=True)
-class BankSettings:
-    """The memory bank of a proof story (the pipeline's sink size `fix` travels in the kwargs)."""
-
-    max_memory: int  # capacity in frames (GenerationSettings.max_memory_size)
-    keyframe_skip: int  # leading frames of a shot never taken as keyframes (GenerationSettings.keyframe_skip)
+def story_settings(profile, **overrides) -> GenerationSettings:
+    """A proof story's settings on this model: `overrides` as a story would set them, the model's
+    defaults for the rest, validated together (e.g. a sink larger than the bank is refused)."""
+    return GenerationSettings(**overrides).resolve(profile.defaults)
 
 
-def generation_kwargs(profile) -> tuple[dict, BankSettings]:
-    """Pipeline keyword arguments of a story with default settings on this model, and its bank."""
-    from storymem.script import GenerationSettings
-
-    s = GenerationSettings().resolve(profile.defaults)
-    gen = dict(
+def pipeline_kwargs(s: GenerationSettings) -> dict:
+    """The StoryMemPipeline keyword arguments a story with these settings generates a shot with."""
+    return dict(
         height=s.height,
         width=s.width,
         num_frames=s.num_frames,
@@ -38,17 +32,18 @@ def generation_kwargs(profile) -> tuple[dict, BankSettings]:
         memory_mask=s.memory_mask,  # the profile's: the shipped bundle was trained with window frames masked 2
         sigma_schedule=s.sigma_schedule,
     )
-    return gen, BankSettings(max_memory=s.max_memory_size, keyframe_skip=s.keyframe_skip)
 
 
-def run_story(pipe, scorer, story: toyworld.ToyStory, *, memory: bool, first: str, gen: dict, bank_settings: BankSettings,
-              seed: int, bank_sizes: list | None = None):
+def run_story(pipe, scorer, story: toyworld.ToyStory, *, memory: bool, first: str, settings: GenerationSettings,
+              seed: int, noise_offset: float = 0.0, bank_sizes: list | None = None):
     """Frames of every shot; shot 0 is the first appearance (rendered or generated). bank_sizes, when
-    given, gets the number of memory frames each shot 2..N was conditioned on."""
+    given, gets the number of memory frames each shot 2..N was conditioned on. noise_offset: the
+    pipeline's (a measurement knob, not a story setting)."""
     mcfg = MemoryConfig().resolved(scorer.cfg)  # the quality filter a story run with this scorer applies
-    bank = MemoryBank(max_size=bank_settings.max_memory, fix=gen["fix"])
-    skip = bank_settings.keyframe_skip
-    h, w, f = gen["height"], gen["width"], gen["num_frames"]
+    bank = MemoryBank(max_size=settings.max_memory_size, fix=settings.fix)
+    skip = settings.keyframe_skip  # every proof shot is a cut: no MI2V/MM2V overlap to drop
+    gen = {**pipeline_kwargs(settings), "noise_offset": noise_offset}
+    h, w, f = settings.height, settings.width, settings.num_frames
     if first == "reference":
         shots = [toyworld.render_shot(story.character, story.shots[0], h, w, f)]
     else:
@@ -71,15 +66,16 @@ def background_error(frames: np.ndarray, background: str) -> float:
     return float(np.linalg.norm(np.median(border, axis=0) - want) / (255.0 * np.sqrt(3.0)))
 
 
-def evaluate(pipe, scorer, stories, *, first: str, gen: dict, bank_settings: BankSettings, seed: int = 0) -> dict:
+def evaluate(pipe, scorer, stories, *, first: str, settings: GenerationSettings, seed: int = 0,
+             noise_offset: float = 0.0) -> dict:
     """Per condition: mean colour/shape error of shots 2..N against shot 1, identity match, found, background."""
     results: dict = {}
     runs, sizes = {}, {}
     for cond in ("memory", "no_memory"):
         sizes[cond] = []
         runs[cond] = [
-            run_story(pipe, scorer, s, memory=cond == "memory", first=first, gen=gen, bank_settings=bank_settings,
-                      seed=seed + 100 * i, bank_sizes=sizes[cond])
+            run_story(pipe, scorer, s, memory=cond == "memory", first=first, settings=settings, seed=seed + 100 * i,
+                      noise_offset=noise_offset, bank_sizes=sizes[cond])
             for i, s in enumerate(stories)
         ]
     for cond, story_shots in runs.items():
@@ -128,10 +124,10 @@ def autoencode(pipe, frames: np.ndarray) -> np.ndarray:
     return ((video.permute(1, 2, 3, 0) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def reference_lines(pipe, stories, gen: dict) -> dict:
+def reference_lines(pipe, stories, settings: GenerationSettings) -> dict:
     """The metric on ground truth: the same character in another shot (rendered, and through the
     VAE: the floor a generated shot can reach) and a different character."""
-    h, w, f = gen["height"], gen["width"], gen["num_frames"]
+    h, w, f = settings.height, settings.width, settings.num_frames
     renders = [toyworld.render_story(s, h, w, f) for s in stories]
     same = [toyworld.identity_error(r[k], r[0])["colour"] for r in renders for k in range(1, len(r))]
     vae = [toyworld.identity_error(autoencode(pipe, r[k]), r[0])["colour"] for r in renders for k in range(1, len(r))]

@@ -230,7 +230,7 @@ class GenerationSettings(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _fix_within_bank(self) -> "GenerationSettings":
+    def _check_fields_together(self) -> "GenerationSettings":
         if self.fix > self.max_memory_size:
             raise _error_at(("fix",), f"must be at most max_memory_size ({self.max_memory_size}); got {self.fix}")
         if self.keyframe_skip >= self.num_frames:

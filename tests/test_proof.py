@@ -25,7 +25,7 @@ from storymem.models import EMBEDDED_BUNDLE
 @pytest.fixture(scope="module")
 def trained():
     from storymem.pipeline import build_pipeline
-    from storymem.proof import generation_kwargs
+    from storymem.proof import story_settings
     from storymem.scoring import Scorer
 
     assert EMBEDDED_BUNDLE.exists(), f"{EMBEDDED_BUNDLE}: the trained tiny bundle ships with the package"
@@ -33,17 +33,17 @@ def trained():
     assert EMBEDDED_BUNDLE.name in profile.name
     scorer = Scorer(ScoringConfig(clip_model="tiny"))
     assert scorer.cfg.uses_trained_embedded
-    gen, bank_settings = generation_kwargs(profile)
+    settings = story_settings(profile)
     # A draw other than the docs' two (2026, 7): the proof must hold for any draw.
     stories = toyworld.make_stories(8, 4, seed=11, split="heldout")
-    return pipe, scorer, gen, bank_settings, stories
+    return pipe, scorer, settings, stories
 
 
 def _run(trained, first):
     from storymem.proof import evaluate
 
-    pipe, scorer, gen, bank_settings, stories = trained
-    res = evaluate(pipe, scorer, stories, first=first, gen=gen, bank_settings=bank_settings)["results"]
+    pipe, scorer, settings, stories = trained
+    res = evaluate(pipe, scorer, stories, first=first, settings=settings)["results"]
     m, r = res["memory"], res["no_memory"]
     print(f"{first}: colour {m['colour_error']:.3f} vs {r['colour_error']:.3f} removed, shape {m['shape_error']:.3f} vs "
           f"{r['shape_error']:.3f}, shots with the character {m['shots_with_character']:.0%} vs {r['shots_with_character']:.0%}")
