@@ -34,6 +34,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 # Threads that spin while waiting lose badly on a shared 2-core machine; must be set before torch loads.
@@ -45,7 +46,7 @@ import torch
 from storymem import models, toyworld
 from storymem.config import EMBEDDED_QUALITY_THRESHOLD, EMBEDDED_SCORER, ModelConfig, ScoringConfig
 from storymem.models import TinyWanConfig
-from storymem.training import TrainConfig, Trainer, fresh_copy, normalise_vae_latents, reinit_autoencoder, train_vae
+from storymem.training import TrainConfig, Trainer, fresh_copy, grow_transformer, normalise_vae_latents, reinit_autoencoder, train_vae
 from storymem.training.vae_recipe import vae_round_trip
 
 log = logging.getLogger("train_embedded")
@@ -60,6 +61,8 @@ def parse_args(argv=None):
         "--init-from", type=Path, default=None,
         help="continue training this bundle (its VAE and transformer) instead of training both from scratch",
     )
+    p.add_argument("--layers", type=int, default=None, help="transformer blocks (default: TinyWanConfig's; with --init-from, grows the bundle's)")
+    p.add_argument("--ffn-dim", type=int, default=None, help="feed-forward units per block (same rules as --layers)")
     p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--scorer-out", type=Path, default=EMBEDDED_SCORER)
     p.add_argument("--scorer-clips", type=int, default=400, help="training clips the scorer sees (13 frames each)")
@@ -84,6 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--first-frame-weight", type=float, default=1.0, help="loss weight of a shot's first latent frame")
     p.add_argument("--subject-weight", type=float, default=1.0, help="loss weight of the character's latent cells (TrainConfig.subject_loss_weight)")
     p.add_argument("--noise-offset", type=float, default=0.0, help="per-channel noise offset in training (TrainConfig.noise_offset; 0 in the shipped recipe, docs/identity.md)")
+    p.add_argument("--timestep-shift", type=float, default=1.0, help="TrainConfig.timestep_shift: 1 draws sigma uniformly (the shipped recipe), > 1 favours high noise")
     p.add_argument("--threads", type=int, default=1, help="1 when other jobs share a 2-core machine; 2 on an idle one (0.39-0.46 s a step against 0.50)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument(
@@ -244,11 +248,16 @@ def main(argv=None) -> int:
     clips = load_clips(manifest)
     # The shipped bundle (if any) is irrelevant: VAE and transformers are re-initialised below, and the
     # frozen text encoder is the seeded one either way.
+    sizes = {k: v for k, v in (("layers", args.layers), ("ffn_dim", args.ffn_dim)) if v is not None}
     if args.init_from is not None:
-        # Continue a bundle: its VAE (the transformer's latent space) and its transformer.
+        # Continue a bundle: its VAE (the transformer's latent space) and its transformer, grown to
+        # the sizes asked for without changing what it computes (storymem.training.grow).
         components, _ = models.build_embedded(ModelConfig(embedded_weights=args.init_from))
+        if sizes:
+            for k, name in enumerate(("transformer", "transformer_2")):
+                components[name] = grow_transformer(components[name], seed=args.seed + k, **sizes).eval()
     else:
-        components, _ = models.build_embedded(ModelConfig(embedded_weights="random"))
+        components, _ = models.build_embedded(ModelConfig(embedded_weights="random"), tiny=replace(tiny, **sizes))
         components.update(stage_vae(args, components, clips))
     stages = {x.strip() for x in args.stages.split(",") if x.strip()}
     if stages - {"transformer", "scorer"}:
@@ -295,6 +304,7 @@ def main(argv=None) -> int:
         first_frame_loss_weight=args.first_frame_weight,
         subject_loss_weight=args.subject_weight,
         noise_offset=args.noise_offset,
+        timestep_shift=args.timestep_shift,
         seed=args.seed,
         save_every=500,
         log_every=50,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -147,7 +147,14 @@ def build_embedded(cfg: ModelConfig | None = None, tiny: TinyWanConfig | None = 
     from transformers import UMT5Config, UMT5EncoderModel
 
     cfg = cfg or ModelConfig()
+    if cfg.embedded_weights == "random":
+        bundle = None
+    else:
+        bundle = cfg.embedded_weights or (EMBEDDED_BUNDLE if EMBEDDED_BUNDLE.exists() else None)
     tiny = tiny or TinyWanConfig()
+    if bundle is not None:
+        # A bundle trained at other transformer sizes (scripts/train_embedded.py --layers/--ffn-dim) says so.
+        tiny = replace(tiny, **bundle_transformer_sizes(bundle))
     tokenizer = embedded_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -184,10 +191,6 @@ def build_embedded(cfg: ModelConfig | None = None, tiny: TinyWanConfig | None = 
         t2v_transformer_2=None,
         scheduler=make_scheduler(),
     )
-    if cfg.embedded_weights == "random":
-        bundle = None
-    else:
-        bundle = cfg.embedded_weights or (EMBEDDED_BUNDLE if EMBEDDED_BUNDLE.exists() else None)
     if bundle is not None:
         load_bundle(components, bundle)
     profile = ModelProfile(
@@ -200,6 +203,22 @@ def build_embedded(cfg: ModelConfig | None = None, tiny: TinyWanConfig | None = 
 
 
 _BUNDLE_PARTS = ("text_encoder", "vae", "transformer", "transformer_2")
+# TinyWanConfig field -> WanTransformer3DModel config key, for the sizes a bundle records.
+_TRANSFORMER_SIZES = {"heads": "num_attention_heads", "head_dim": "attention_head_dim", "layers": "num_layers", "ffn_dim": "ffn_dim"}
+
+
+def bundle_transformer_sizes(path: str | Path) -> dict:
+    """The TinyWanConfig transformer sizes a bundle was saved with ({} for a bundle from before they
+    were recorded: those have the TinyWanConfig defaults)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    sizes = json.loads(meta.get("transformer_sizes", "{}"))
+    unknown = set(sizes) - set(_TRANSFORMER_SIZES)
+    if unknown:
+        raise ValueError(f"{path}: unknown transformer sizes {sorted(unknown)} in the bundle's metadata")
+    return {k: int(v) for k, v in sizes.items()}
 
 
 def save_bundle(components: dict, path: str | Path) -> None:
@@ -214,7 +233,11 @@ def save_bundle(components: dict, path: str | Path) -> None:
         for k, v in module.state_dict().items():
             # clone: tied weights (the text encoder's embeddings) share storage, which safetensors refuses
             tensors[f"{part}.{k}"] = v.detach().to(torch.float32).contiguous().clone()
-    save_file(tensors, str(path), metadata={"format": "storymem-embedded-v1"})
+    meta = {"format": "storymem-embedded-v1"}
+    if components.get("transformer") is not None:
+        config = components["transformer"].config
+        meta["transformer_sizes"] = json.dumps({k: int(config[v]) for k, v in _TRANSFORMER_SIZES.items()})
+    save_file(tensors, str(path), metadata=meta)
 
 
 def load_bundle(components: dict, path: str | Path) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from storymem import toyworld
 from storymem.config import ModelConfig
-from storymem.m2v import memory_frames
+from storymem.m2v import install_memory_rope, memory_frames
 from storymem.training import (
     TrainConfig,
     Trainer,
@@ -388,3 +388,34 @@ def test_subject_loss_weight_needs_masks(tmp_path):
     with pytest.raises(ValueError, match="subject_loss_weight.*subject_mask"):
         Trainer(config(bare, tmp_path / "bare", subject_loss_weight=2.0))
     Trainer(config(bare, tmp_path / "plain"))  # without the weight the column is optional
+
+
+def test_a_grown_transformer_computes_the_same_and_its_bundle_records_the_sizes(manifest, tmp_path):
+    from storymem import models
+    from storymem.pipeline import build_pipeline
+    from storymem.training import grow_transformer
+
+    components, _ = models.build_embedded(ModelConfig(device="cpu", embedded_weights="random"))
+    small = components["transformer"]
+    install_memory_rope(small)
+    grown = grow_transformer(small, layers=6, ffn_dim=320, seed=3)
+    assert (grown.config.num_layers, grown.config.ffn_dim) == (6, 320)
+    torch.testing.assert_close(probe(grown), probe(small), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="layers"):
+        grow_transformer(small, layers=2)
+
+    # The bundle says how big its transformers are; the loader builds them at that size.
+    components.update(transformer=grown, transformer_2=grow_transformer(components["transformer_2"], layers=6, ffn_dim=320))
+    bundle = tmp_path / "grown.safetensors"
+    models.save_bundle(components, bundle)
+    assert models.bundle_transformer_sizes(bundle) == {"heads": 2, "head_dim": 32, "layers": 6, "ffn_dim": 320}
+    pipe, _ = build_pipeline(ModelConfig(device="cpu", embedded_weights=bundle))
+    assert len(pipe.transformer.blocks) == 6
+    torch.testing.assert_close(probe(pipe.transformer), probe(small), rtol=1e-5, atol=1e-6)
+
+    # Training reaches the new blocks: their zeroed output projections move.
+    trainer = Trainer(config(manifest, tmp_path / "grown", full=True, model=ModelConfig(device="cpu", embedded_weights=bundle), steps=2, save_every=2))
+    trainer.train()
+    new_block = trainer.experts["high"].blocks[5]
+    assert new_block.ffn.net[2].weight.abs().max() > 0
+    assert new_block.attn1.to_out[0].weight.abs().max() > 0

@@ -35,18 +35,20 @@ Modules:
     trainer.py     Trainer (setup, sample plan, steps, checkpoints, outputs) and train();
     vae_recipe.py  the tiny-VAE recipe of the embedded models (reinit, train_vae, normalise_vae_latents);
     scorer_recipe.py  the embedded scorer's recipe (tiny CLIP image tower + visibility head on toy frames);
+    grow.py        grow_transformer: more blocks / wider feed-forward layers, same function (continue bigger);
     cli.py         `storymem train` (add_train_parser, config_from_args, run_train).
 """
 
 from .cli import add_train_parser, config_from_args, run_train
 from .config import TrainConfig
 from .data import MANIFEST_COLUMNS, ClipLatents, ClipRecord, load_clip, read_clip_manifest
+from .grow import grow_transformer
 from .loss import M2VLoss
 from .trainer import ADAPTER, EXPERT_FILES, SINGLE_FILE, STATE_FILE, Trainer, fresh_copy, lora_scale, train
 from .vae_recipe import normalise_vae_latents, reinit_autoencoder, train_vae
 
 __all__ = [
     "ADAPTER", "EXPERT_FILES", "MANIFEST_COLUMNS", "SINGLE_FILE", "STATE_FILE", "ClipLatents", "ClipRecord", "M2VLoss",
-    "TrainConfig", "Trainer", "add_train_parser", "config_from_args", "fresh_copy", "load_clip", "lora_scale",
+    "TrainConfig", "Trainer", "add_train_parser", "config_from_args", "fresh_copy", "grow_transformer", "load_clip", "lora_scale",
     "normalise_vae_latents", "read_clip_manifest", "reinit_autoencoder", "run_train", "train", "train_vae",
 ]
