@@ -45,17 +45,15 @@ FACTORS = ("vae", "guidance", "steps", "frames", "swap", "first_frame", "t2v", "
 class Bench:
     def __init__(self, stories: int, seed: int, bundle: Path | None = None, noise_offset: float = 0.0):
         from storymem.pipeline import build_pipeline
-        from storymem.script import GenerationSettings
+        from storymem.proof import pipeline_kwargs, story_settings
 
         self.pipe, profile = build_pipeline(ModelConfig(device="cpu", embedded_weights=bundle))
-        s = GenerationSettings().resolve(profile.defaults)
-        self.gen = dict(
-            height=s.height, width=s.width, num_frames=s.num_frames, num_inference_steps=s.num_inference_steps,
-            guidance_scale=s.guidance_scale, memory_guidance_scale=s.memory_guidance_scale, shift=s.shift,
-            noise_offset=noise_offset,
-        )
-        self.h, self.w, self.f = s.height, s.width, s.num_frames
-        self.max_memory, self.fix, self.keyframe_skip, self.seed = s.max_memory_size, s.fix, s.keyframe_skip, seed
+        self.settings = s = story_settings(profile)
+        # docs/identity.md's factor numbers were measured with the pipeline's own sink, mask and sigma
+        # grid, not the profile's; kept so that a rerun reproduces them.
+        self.gen = {k: v for k, v in pipeline_kwargs(s).items() if k not in ("fix", "memory_mask", "sigma_schedule")}
+        self.gen["noise_offset"] = noise_offset
+        self.h, self.w, self.f, self.seed = s.height, s.width, s.num_frames, seed
         self.stories = toyworld.make_stories(stories, 3, seed=seed, split="heldout")
         self.firsts = [toyworld.render_shot(st.character, st.shots[0], self.h, self.w, self.f) for st in self.stories]
         self.rows: list[tuple[str, str, str]] = []
@@ -185,12 +183,11 @@ class Bench:
         self.add("bank", "embedded CLIP cosine", f"frame 0 vs middle of one shot {np.mean(np.sum(mids * heads, 1)):.4f}; different characters {off.mean():.4f} (min {off.min():.4f}); dedupe above {MemoryConfig().dedupe_threshold}")
         sizes, taken = [], []
         for i, st in enumerate(self.stories):
-            bank, cfg = MemoryBank(max_size=self.max_memory, fix=self.fix), MemoryConfig()
-            taken.append(len(bank.update(0, self.firsts[i], scorer.embed_images(self.firsts[i]), None, cfg, tail_frames=0,
-                                         skip=self.keyframe_skip)))
+            bank, cfg, skip = MemoryBank(max_size=self.settings.max_memory_size, fix=self.settings.fix), MemoryConfig(), self.settings.keyframe_skip
+            taken.append(len(bank.update(0, self.firsts[i], scorer.embed_images(self.firsts[i]), None, cfg, tail_frames=0, skip=skip)))
             for k in (1, 2):
                 out = self.pipe(st.prompts[k], memory=bank.images(), seed=100 * i + k, **self.gen).frames
-                taken.append(len(bank.update(k, out, scorer.embed_images(out), None, cfg, tail_frames=0, skip=self.keyframe_skip)))
+                taken.append(len(bank.update(k, out, scorer.embed_images(out), None, cfg, tail_frames=0, skip=skip)))
             sizes.append(len(bank.frames))
         taken = np.asarray(taken).reshape(n, 3)
         self.add("bank", "keyframes taken per shot (shots 1, 2, 3)", f"{taken.mean(0).round(2).tolist()}; bank size after 3 shots {np.mean(sizes):.2f}")

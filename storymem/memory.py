@@ -214,7 +214,8 @@ class MemoryBank:
         """Select a finished shot's keyframes, add them, keep its tail; return their frame indices.
 
         Candidates are the frames after the first `skip` (the overlap frames a MI2V/MM2V shot repeats
-        from the previous one and the final video drops); indices count from the shot's first frame.
+        from the previous one and the final video drops, or settings.keyframe_skip when larger); indices
+        count from the shot's first frame.
         Keyframes are deduplicated against every frame this bank was ever given (`saved_embeddings`)."""
         frames = np.asarray(frames)
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:

@@ -24,27 +24,21 @@ def _zero_(linear: torch.nn.Linear) -> None:
 
 def grow_transformer(model: WanTransformer3DModel, layers: int | None = None, ffn_dim: int | None = None, seed: int = 0) -> WanTransformer3DModel:
     """A copy of `model` with `layers` blocks and `ffn_dim` feed-forward units, same function."""
-    config = dict(model.config)
-    old_layers, old_ffn = config["num_layers"], config["ffn_dim"]
+    old_layers, old_ffn = model.config.num_layers, model.config.ffn_dim
     layers = old_layers if layers is None else layers
     ffn_dim = old_ffn if ffn_dim is None else ffn_dim
     if layers < old_layers:
         raise ValueError(f"layers: can only grow the transformer ({old_layers} blocks); got {layers}")
     if ffn_dim < old_ffn:
         raise ValueError(f"ffn_dim: can only grow the feed-forward width ({old_ffn}); got {ffn_dim}")
-    keys = {k: v for k, v in config.items() if not k.startswith("_")}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        grown = WanTransformer3DModel(**{**keys, "num_layers": layers, "ffn_dim": ffn_dim})
-    target = grown.state_dict()
-    for name, value in model.state_dict().items():
-        slot = target[name]
-        if slot.shape == value.shape:
-            slot.copy_(value)
-        else:  # a widened feed-forward layer: the trained units first, the new ones as initialised
-            slot[tuple(slice(0, n) for n in value.shape)].copy_(value)
-    grown.load_state_dict(target)
+        grown = type(model).from_config(model.config, num_layers=layers, ffn_dim=ffn_dim)
+    target = grown.state_dict()  # views of grown's parameters: copying into them sets the weights
     with torch.no_grad():
+        for name, value in model.state_dict().items():
+            # a widened feed-forward layer: the trained units first, the new ones as initialised
+            target[name][tuple(slice(0, n) for n in value.shape)].copy_(value)
         for block in grown.blocks[old_layers:]:
             _zero_(block.attn1.to_out[0])
             _zero_(block.attn2.to_out[0])
