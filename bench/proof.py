@@ -11,7 +11,8 @@ Two settings:
 * reference: the character's first appearance is the rendered first shot (its keyframes seed the
   memory, as a customised story does); shots 2..N are generated;
 * generated: shot 1 is generated too (text only), then shots 2..N follow it.
-With memory removed, shots 2..N are generated from their prompts alone (same seeds).
+With memory removed, shots 2..N are generated from their prompts alone (same seeds), by the bundle's
+text-to-video transformer when it has one (as a story's shots without memory are).
 
 Metric (pixel space, no pretrained network; storymem.toyworld.identity_error): the character is
 segmented from the uniform background; colour error = distance of its mean RGB colour to that of
@@ -84,7 +85,10 @@ def markdown(report: dict) -> str:
         "embedded scorer (keyframes by CLIP similarity, the quality filter, sink + window of at most "
         f"{report['max_memory_size']} frame{'s' if report['max_memory_size'] != 1 else ''}{skipped(report['keyframe_skip'])}; "
         f"memory guidance scale {report['memory_guidance_scale']:g}, text CFG as the "
-        "model's defaults). Lower error is better.",
+        "model's defaults). Shots without memory (shot 1 when generated, and every shot with memory removed) are made "
+        + ("by the bundle's text-to-video transformer, as Wan2.2-T2V makes them on real weights. " if report.get("t2v")
+           else "by the M2V model with empty memory (the bundle has no text-to-video transformer). ")
+        + "Lower error is better.",
         "",
         "| draw | first appearance | condition | colour error | colour error (visible) | shape error | identity match | character found | shots with it | memory frames | background error |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -172,6 +176,7 @@ def main(argv=None) -> int:
     report["memory_guidance_scale"] = settings.memory_guidance_scale
     report["max_memory_size"] = settings.max_memory_size
     report["keyframe_skip"] = settings.keyframe_skip
+    report["t2v"] = profile.has_t2v
     strip = None
     for seed in args.seeds:
         stories = toyworld.make_stories(args.stories, args.shots, seed, split="heldout")

@@ -10,6 +10,9 @@ Stages (each skipped when its output is already in --workdir, so an interrupted 
    shots of the same story, velocity loss on shot frames only, sigma uniform over the whole range);
    the text encoder stays frozen random;
 4. write the bundle (models.save_bundle format) to --out, the transformer in both expert slots;
+   with the stage 't2v' (not in the default --stages), also train a text-to-video transformer from
+   scratch on the same clips (TrainConfig.task 't2v': text-only, 16 input channels), which the bundle
+   then carries for the shots without memory (docs/identity.md, "A text-to-video transformer");
 5. train the embedded scorer (storymem.training.scorer_recipe: the tiny CLIP image tower and the
    aesthetic head, on training clips through the trained VAE, some faded toward their background)
    and write it to --scorer-out, which ScoringConfig's embedded_scorer 'trained' loads.
@@ -51,6 +54,7 @@ from storymem.training.vae_recipe import vae_round_trip
 
 log = logging.getLogger("train_embedded")
 REPO = Path(__file__).resolve().parents[1]
+STAGES = {"transformer", "t2v", "scorer"}
 
 
 def parse_args(argv=None):
@@ -69,8 +73,11 @@ def parse_args(argv=None):
     p.add_argument("--scorer-steps", type=int, default=600)
     p.add_argument(
         "--stages", default="transformer,scorer",
-        help="what to train after the data and the VAE (always made or loaded from --workdir): transformer, scorer or both",
+        help="what to train after the data and the VAE (always made or loaded from --workdir), comma-separated: "
+        "transformer (the M2V experts), t2v (a text-to-video transformer for shots without memory), scorer",
     )
+    p.add_argument("--t2v-steps", type=int, default=3000, help="optimizer steps of the t2v stage (from scratch)")
+    p.add_argument("--t2v-lr", type=float, default=4e-3, help="peak learning rate of the t2v stage")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stories", type=int, default=400, help="training stories")
     p.add_argument("--shots", type=int, default=5, help="shots (clips) per training story")
@@ -235,49 +242,12 @@ def stage_scorer(args, vae, clips: np.ndarray, manifest: Path) -> dict:
     return report
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
-    torch.set_num_threads(args.threads)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    tiny = TinyWanConfig()
-    size = {k: tiny.defaults[k] for k in ("height", "width", "num_frames")}
-    t_start = time.perf_counter()
-
-    manifest = stage_data(args, size)
-    clips = load_clips(manifest)
-    # The shipped bundle (if any) is irrelevant: VAE and transformers are re-initialised below, and the
-    # frozen text encoder is the seeded one either way.
-    sizes = {k: v for k, v in (("layers", args.layers), ("ffn_dim", args.ffn_dim)) if v is not None}
-    if args.init_from is not None:
-        # Continue a bundle: its VAE (the transformer's latent space) and its transformer, grown to
-        # the sizes asked for without changing what it computes (storymem.training.grow).
-        components, _ = models.build_embedded(ModelConfig(embedded_weights=args.init_from))
-        if sizes:
-            for k, name in enumerate(("transformer", "transformer_2")):
-                components[name] = grow_transformer(components[name], seed=args.seed + k, **sizes).eval()
-    else:
-        components, _ = models.build_embedded(ModelConfig(embedded_weights="random"), tiny=replace(tiny, **sizes))
-        components.update(stage_vae(args, components, clips))
-    stages = {x.strip() for x in args.stages.split(",") if x.strip()}
-    if stages - {"transformer", "scorer"}:
-        raise SystemExit(f"--stages: unknown {sorted(stages - {'transformer', 'scorer'})}; expected transformer, scorer")
-    if "scorer" in stages:
-        stage_scorer(args, components["vae"], clips, manifest)
-    if "transformer" not in stages:
-        log.info("done in %.1fs (no transformer stage)", time.perf_counter() - t_start)
-        return 0
-    if args.init_from is None:
-        for k, name in enumerate(("transformer", "transformer_2")):
-            components[name] = fresh_copy(components[name], args.seed + k)
-    stage1 = args.workdir / "stage1.safetensors"
-    models.save_bundle(components, stage1)
-    del clips
-
-    cfg = TrainConfig(
+def train_config(args, manifest: Path, bundle: Path, output_dir: Path, **task) -> TrainConfig:
+    """The recipe's TrainConfig for one transformer stage; `task` overrides (the T2V stage's)."""
+    fields = dict(
         manifest=str(manifest),
-        output_dir=args.workdir / "m2v",
-        model=ModelConfig(embedded_weights=stage1, device=args.device),
+        output_dir=output_dir,
+        model=ModelConfig(embedded_weights=bundle, device=args.device),
         full=True,
         experts="high",
         boundary=0.0,  # the 'high' expert over sigma in [0, 1]: one transformer for the whole range
@@ -310,13 +280,18 @@ def main(argv=None) -> int:
         log_every=50,
         num_threads=args.threads,
     )
+    return TrainConfig(**{**fields, **task})
+
+
+def run_trainer(args, cfg: TrainConfig, time_budget: float | None = None) -> dict:
+    """Encode the latents, train, and return the run's summary with its validation loss before and after."""
     trainer = Trainer(cfg)
     t0 = time.perf_counter()
     trainer.data.precompute(trainer.eligible, batch_size=32, motion=cfg.motion_prob > 0)
     log.info("encoded %d clips in %.1fs", len(trainer.eligible), time.perf_counter() - t0)
     val_steps = list(range(10**6, 10**6 + 8))
     before = trainer.eval_loss(val_steps)
-    if args.time_budget:
+    if time_budget:
         # Time steps 10..30: the first ones pay for warm-up (CUDA kernels, allocator), 3x slower on an H100.
         t_probe, warm, probe = time.perf_counter(), 10, 20
         for _ in range(warm):
@@ -325,26 +300,99 @@ def main(argv=None) -> int:
         for _ in range(probe):
             trainer.train_step()
         per_step = (time.perf_counter() - t0) / probe
-        steps = max(warm + probe + 1, warm + probe + int((args.time_budget - (time.perf_counter() - t_probe)) / per_step))
+        steps = max(warm + probe + 1, warm + probe + int((time_budget - (time.perf_counter() - t_probe)) / per_step))
         trainer.cfg = trainer.cfg.model_copy(update={"steps": steps})  # the LR schedule reads cfg.steps
-        log.info("%.3f s per step: %d steps fit in %.0f s", per_step, steps, args.time_budget)
+        log.info("%.3f s per step: %d steps fit in %.0f s", per_step, steps, time_budget)
     summary = trainer.train()
-    after = trainer.eval_loss(val_steps)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    components, _ = models.build_embedded(ModelConfig(embedded_weights=summary["outputs"]["embedded_weights"]))
-    components["transformer_2"].load_state_dict(components["transformer"].state_dict())
+    return {**summary, "val_loss_before": before, "val_loss_after": trainer.eval_loss(val_steps)}
+
+
+def write_bundle(components: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
     models.save_bundle(components, tmp)
-    os.replace(tmp, args.out)  # readers never see a half-written bundle
-    report = {
-        "transformer_seconds": round(summary["seconds"], 1),
-        "steps": summary["final_step"],
-        "val_loss_before": round(before, 4),
-        "val_loss_after": round(after, 4),
-        "total_seconds": round(time.perf_counter() - t_start, 1),
-        "bundle": str(args.out),
-        "bundle_mb": round(args.out.stat().st_size / 2**20, 2),
+    os.replace(tmp, out)  # readers never see a half-written bundle
+
+
+def stage_t2v(args, manifest: Path, base: Path) -> dict:
+    """Train a fresh text-to-video transformer on the same clips (text-only samples, no condition
+    channels) next to `base`'s M2V experts, and write both to --out."""
+    components, _ = models.build_embedded(ModelConfig(embedded_weights=base), tiny=replace(TinyWanConfig(), t2v=True))
+    components["t2v_transformer"] = fresh_copy(components["t2v_transformer"], args.seed + 2)
+    stage = args.workdir / "stage_t2v.safetensors"
+    models.save_bundle(components, stage)
+    cfg = train_config(
+        args, manifest, stage, args.workdir / "t2v", task="t2v", steps=args.t2v_steps, lr=args.t2v_lr, warmup_steps=200,
+        motion_prob=0.0,
+    )  # fmt: skip
+    summary = run_trainer(args, cfg)
+    components, _ = models.build_embedded(ModelConfig(embedded_weights=summary["outputs"]["embedded_weights"]))
+    write_bundle(components, args.out)
+    return {
+        "t2v_seconds": round(summary["seconds"], 1),
+        "t2v_steps": summary["final_step"],
+        "t2v_val_loss_before": round(summary["val_loss_before"], 4),
+        "t2v_val_loss_after": round(summary["val_loss_after"], 4),
     }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+    torch.set_num_threads(args.threads)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    tiny = TinyWanConfig()
+    size = {k: tiny.defaults[k] for k in ("height", "width", "num_frames")}
+    t_start = time.perf_counter()
+    stages = {x.strip() for x in args.stages.split(",") if x.strip()}
+    if stages - STAGES:
+        raise SystemExit(f"--stages: unknown {sorted(stages - STAGES)}; expected some of {', '.join(sorted(STAGES))}")
+    if "t2v" in stages and "transformer" not in stages and args.init_from is None:
+        raise SystemExit("--stages: t2v alone needs --init-from (the bundle whose M2V experts it joins)")
+
+    manifest = stage_data(args, size)
+    clips = load_clips(manifest)
+    # The shipped bundle (if any) is irrelevant: VAE and transformers are re-initialised below, and the
+    # frozen text encoder is the seeded one either way.
+    sizes = {k: v for k, v in (("layers", args.layers), ("ffn_dim", args.ffn_dim)) if v is not None}
+    if args.init_from is not None:
+        # Continue a bundle: its VAE (the transformer's latent space) and its transformer, grown to
+        # the sizes asked for without changing what it computes (storymem.training.grow).
+        components, _ = models.build_embedded(ModelConfig(embedded_weights=args.init_from))
+        if sizes:
+            for k, name in enumerate(("transformer", "transformer_2")):
+                components[name] = grow_transformer(components[name], seed=args.seed + k, **sizes).eval()
+    else:
+        components, _ = models.build_embedded(ModelConfig(embedded_weights="random"), tiny=replace(tiny, **sizes))
+        components.update(stage_vae(args, components, clips))
+    if "scorer" in stages:
+        stage_scorer(args, components["vae"], clips, manifest)
+    del clips
+    report: dict = {}
+    if "transformer" in stages:
+        for k, name in enumerate(("transformer", "transformer_2")):
+            if args.init_from is None:
+                components[name] = fresh_copy(components[name], args.seed + k)
+        stage1 = args.workdir / "stage1.safetensors"
+        models.save_bundle(components, stage1)
+        summary = run_trainer(args, train_config(args, manifest, stage1, args.workdir / "m2v"), args.time_budget)
+        components, _ = models.build_embedded(ModelConfig(embedded_weights=summary["outputs"]["embedded_weights"]))
+        components["transformer_2"].load_state_dict(components["transformer"].state_dict())
+        write_bundle(components, args.out)
+        report.update(
+            transformer_seconds=round(summary["seconds"], 1),
+            steps=summary["final_step"],
+            val_loss_before=round(summary["val_loss_before"], 4),
+            val_loss_after=round(summary["val_loss_after"], 4),
+        )
+    if "t2v" in stages:
+        report.update(stage_t2v(args, manifest, args.out if "transformer" in stages else args.init_from))
+    if not report:
+        log.info("done in %.1fs (no transformer stage)", time.perf_counter() - t_start)
+        return 0
+    report.update(
+        total_seconds=round(time.perf_counter() - t_start, 1), bundle=str(args.out), bundle_mb=round(args.out.stat().st_size / 2**20, 2)
+    )
     (args.workdir / "report.json").write_text(json.dumps(report, indent=2))
     log.info("done: %s", report)
     return 0

@@ -59,6 +59,9 @@ class TinyWanConfig:
     freq_dim: int = 64
     rope_max_seq_len: int = 64
     two_experts: bool = True
+    # A text-to-video transformer for shot 1 and shots without memory (in_channels z_dim, one expert), as
+    # Wan2.2-T2V is to the M2V model on real weights; a bundle that carries one turns this on.
+    t2v: bool = False
     # Generation settings the embedded profile uses when a story leaves them unset.
     defaults: dict = field(
         default_factory=lambda: {
@@ -82,6 +85,9 @@ class TinyWanConfig:
             # Its generated frame 0 is twice as far from the rest of its shot as any later frame (colour
             # 0.085-0.09 against 0.04-0.06), and with one memory frame that frame would be the story's memory.
             "keyframe_skip": 1,
+            # Sampling of the embedded text-to-video transformer, when the bundle has one: the M2V model's shift
+            # (it was trained on the same uniform sigmas), not Wan2.2-T2V's 12.
+            "t2v_shift": 4.0,
         }
     )
 
@@ -139,11 +145,13 @@ def make_scheduler(shift: float = 4.0) -> UniPCMultistepScheduler:
 
 
 def build_embedded(cfg: ModelConfig | None = None, tiny: TinyWanConfig | None = None, seed: int = EMBEDDED_SEED):
-    """The embedded default: tiny text encoder, VAE and two M2V experts (36-channel input).
+    """The embedded default: tiny text encoder, VAE, two M2V experts (36-channel input) and, when the
+    bundle carries one (or `tiny.t2v`), a text-to-video transformer (16-channel input) that makes shot 1
+    and every shot without memory, as Wan2.2-T2V does on real weights.
 
-    There is no separate text-to-video model: shot 1 uses the M2V transformer with no memory and an
-    empty condition (the tiny model is trained with memory dropped for some samples, so that case is
-    in distribution), and the shot's manifest record says so."""
+    Without one, shot 1 uses the M2V transformer with no memory and an empty condition (the tiny model
+    is trained with memory dropped for some samples, so that case is in distribution), and the shot's
+    manifest record says so."""
     from transformers import UMT5Config, UMT5EncoderModel
 
     cfg = cfg or ModelConfig()
@@ -152,9 +160,12 @@ def build_embedded(cfg: ModelConfig | None = None, tiny: TinyWanConfig | None = 
     else:
         bundle = cfg.embedded_weights or (EMBEDDED_BUNDLE if EMBEDDED_BUNDLE.exists() else None)
     tiny = tiny or TinyWanConfig()
+    t2v_sizes = {}
     if bundle is not None:
         # A bundle trained at other transformer sizes (scripts/train_embedded.py --layers/--ffn-dim) says so.
         tiny = replace(tiny, **bundle_transformer_sizes(bundle))
+        if bundle_has_part(bundle, "t2v_transformer"):
+            tiny, t2v_sizes = replace(tiny, t2v=True), bundle_transformer_sizes(bundle, "t2v_transformer")
     tokenizer = embedded_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -181,13 +192,15 @@ def build_embedded(cfg: ModelConfig | None = None, tiny: TinyWanConfig | None = 
         in_ch = 2 * tiny.z_dim + 4
         transformer = tiny_transformer(tiny, in_ch)
         transformer_2 = tiny_transformer(tiny, in_ch) if tiny.two_experts else None
+        # Seeded after the M2V experts, so that adding it leaves their initialisation as it was.
+        t2v_transformer = tiny_transformer(replace(tiny, **t2v_sizes), tiny.z_dim) if tiny.t2v else None
     components = dict(
         tokenizer=tokenizer,
         text_encoder=text_encoder.eval(),
         vae=vae.eval(),
         transformer=transformer.eval(),
         transformer_2=transformer_2.eval() if transformer_2 is not None else None,
-        t2v_transformer=None,
+        t2v_transformer=t2v_transformer.eval() if t2v_transformer is not None else None,
         t2v_transformer_2=None,
         scheduler=make_scheduler(),
     )
@@ -198,23 +211,32 @@ def build_embedded(cfg: ModelConfig | None = None, tiny: TinyWanConfig | None = 
         defaults=dict(tiny.defaults),
         max_sequence_length=tiny.max_sequence_length,
         boundary=cfg.boundary if tiny.two_experts else None,
+        has_t2v=tiny.t2v,
     )
     return components, profile
 
 
-_BUNDLE_PARTS = ("text_encoder", "vae", "transformer", "transformer_2")
+_BUNDLE_PARTS = ("text_encoder", "vae", "transformer", "transformer_2", "t2v_transformer")
 # TinyWanConfig field -> WanTransformer3DModel config key, for the sizes a bundle records.
 _TRANSFORMER_SIZES = {"heads": "num_attention_heads", "head_dim": "attention_head_dim", "layers": "num_layers", "ffn_dim": "ffn_dim"}
 
 
-def bundle_transformer_sizes(path: str | Path) -> dict:
-    """The TinyWanConfig transformer sizes a bundle was saved with ({} for a bundle from before they
-    were recorded: those have the TinyWanConfig defaults)."""
+def bundle_has_part(path: str | Path, part: str) -> bool:
+    """Whether a bundle holds weights of `part` (one of the bundle's parts, e.g. 't2v_transformer')."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return any(k.startswith(part + ".") for k in f.keys())
+
+
+def bundle_transformer_sizes(path: str | Path, part: str = "transformer") -> dict:
+    """The TinyWanConfig sizes a bundle's transformer `part` was saved with ({} for a bundle from before
+    they were recorded: those have the TinyWanConfig defaults)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-    sizes = json.loads(meta.get("transformer_sizes", "{}"))
+    sizes = json.loads(meta.get(f"{part}_sizes", "{}"))
     unknown = set(sizes) - set(_TRANSFORMER_SIZES)
     if unknown:
         raise ValueError(f"{path}: unknown transformer sizes {sorted(unknown)} in the bundle's metadata")
@@ -234,9 +256,10 @@ def save_bundle(components: dict, path: str | Path) -> None:
             # clone: tied weights (the text encoder's embeddings) share storage, which safetensors refuses
             tensors[f"{part}.{k}"] = v.detach().to(torch.float32).contiguous().clone()
     meta = {"format": "storymem-embedded-v1"}
-    if components.get("transformer") is not None:
-        config = components["transformer"].config
-        meta["transformer_sizes"] = json.dumps({k: int(config[v]) for k, v in _TRANSFORMER_SIZES.items()})
+    for part in ("transformer", "t2v_transformer"):
+        if components.get(part) is not None:
+            config = components[part].config
+            meta[f"{part}_sizes"] = json.dumps({k: int(config[v]) for k, v in _TRANSFORMER_SIZES.items()})
     save_file(tensors, str(path), metadata=meta)
 
 

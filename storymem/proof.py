@@ -31,6 +31,9 @@ def pipeline_kwargs(s: GenerationSettings) -> dict:
         fix=s.fix,
         memory_mask=s.memory_mask,  # the profile's: the shipped bundle was trained with window frames masked 2
         sigma_schedule=s.sigma_schedule,
+        # used when the model has a text-to-video transformer (it then makes every shot without memory)
+        t2v_shift=s.t2v_shift,
+        t2v_guidance_scale=s.t2v_guidance_scale,
     )
 
 

@@ -419,3 +419,77 @@ def test_a_grown_transformer_computes_the_same_and_its_bundle_records_the_sizes(
     new_block = trainer.experts["high"].blocks[5]
     assert new_block.ffn.net[2].weight.abs().max() > 0
     assert new_block.attn1.to_out[0].weight.abs().max() > 0
+
+
+def test_a_text_to_video_transformer_trains_text_only_and_makes_the_shots_without_memory(manifest, tmp_path):
+    from dataclasses import replace
+
+    from storymem import models
+    from storymem.pipeline import NO_T2V_NOTE, build_pipeline
+
+    with pytest.raises(ValueError, match="motion_prob"):
+        config(manifest, tmp_path / "o", task="t2v", full=True, motion_prob=0.5)
+    with pytest.raises(ValueError, match="full"):
+        config(manifest, tmp_path / "o", task="t2v")
+    with pytest.raises(ValueError, match="t2v"):  # a bundle without a text-to-video transformer
+        Trainer(config(manifest, tmp_path / "o", task="t2v", full=True))
+
+    components, _ = models.build_embedded(ModelConfig(device="cpu", embedded_weights="random"), tiny=replace(models.TinyWanConfig(), t2v=True))
+    t2v = components["t2v_transformer"]
+    assert t2v.config.in_channels == 16  # the noisy latents only, as Wan2.2-T2V
+    base = tmp_path / "with_t2v.safetensors"
+    models.save_bundle(components, base)
+    assert models.bundle_has_part(base, "t2v_transformer")
+    m2v_before = {k: v.clone() for k, v in components["transformer"].state_dict().items()}
+
+    cfg = config(manifest, tmp_path / "t2v", task="t2v", full=True, model=ModelConfig(device="cpu", embedded_weights=base),
+                 memory_dropout=0.0, steps=6, save_every=6)  # fmt: skip
+    trainer = Trainer(cfg)
+    assert trainer.experts["high"] is trainer.pipe.t2v_transformer
+    _, plan = trainer.sample_plan(0)
+    assert all(not p["memory"] and not p["motion"] for p in plan)  # text-only whatever memory_dropout says
+    batch = trainer.build_batch(0)
+    assert all(part["condition"] is None and part["num_memory"] == 0 for part in batch.values())
+    before = trainer.eval_loss(range(6))
+    summary = trainer.train()
+    assert trainer.eval_loss(range(6)) < before
+
+    # The bundle keeps the M2V experts as they were and carries the trained T2V transformer, which
+    # then makes every shot without memory; shots with memory stay with the M2V experts.
+    bundle = summary["outputs"]["embedded_weights"]
+    pipe, profile = build_pipeline(ModelConfig(device="cpu", embedded_weights=bundle))
+    assert profile.has_t2v
+    for k, v in pipe.transformer.state_dict().items():
+        torch.testing.assert_close(v, m2v_before[k])
+    trainer.loss_module.eval()
+    for k, v in pipe.t2v_transformer.state_dict().items():
+        torch.testing.assert_close(v, trainer.experts["high"].state_dict()[k])
+    gen = dict(height=48, width=64, num_frames=5, num_inference_steps=2, seed=1)
+    shot = pipe("a figure jumps in the middle, blue background", **gen)
+    assert shot.model == "t2v" and NO_T2V_NOTE not in shot.notes
+    remembered = pipe("a figure jumps in the middle, blue background", memory=[shot.frames[2]], **gen)
+    assert remembered.model == "m2v"
+
+
+def test_the_embedded_recipe_continues_a_bundle_and_adds_a_text_to_video_transformer(tmp_path):
+    """scripts/train_embedded.py end to end at toy size: the M2V stage from --init-from, then the t2v stage."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from storymem import models
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "x.safetensors"
+    cmd = [sys.executable, str(repo / "scripts" / "train_embedded.py"), "--workdir", str(tmp_path / "w"),
+           "--init-from", str(models.EMBEDDED_BUNDLE), "--out", str(out), "--stages", "transformer,t2v",
+           "--stories", "4", "--shots", "3", "--steps", "2", "--t2v-steps", "2", "--batch-size", "4", "--max-memory", "1"]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    report = json.loads((tmp_path / "w" / "report.json").read_text())
+    assert report["steps"] == 2 and report["t2v_steps"] == 2
+    shipped, trained = load_file(str(models.EMBEDDED_BUNDLE)), load_file(str(out))
+    assert models.bundle_has_part(out, "t2v_transformer") and not models.bundle_has_part(models.EMBEDDED_BUNDLE, "t2v_transformer")
+    key = "transformer.proj_out.weight"
+    assert not torch.equal(trained[key], shipped[key])  # the M2V stage trained
+    torch.testing.assert_close(trained["transformer_2.proj_out.weight"], trained[key])  # one transformer, both slots
+    assert trained["t2v_transformer.patch_embedding.weight"].shape[1] == 16

@@ -24,6 +24,12 @@ class TrainConfig(BaseModel):
     output_dir: Path = Field(description="Checkpoints, logs and the final weights go here.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model (embedded tiny or local Wan).")
 
+    task: Literal["m2v", "t2v"] = Field(
+        "m2v",
+        description="'m2v': the memory-to-video transformer(s), samples with memory from other shots of their story; "
+        "'t2v': the embedded model's text-to-video transformer (shot 1 and shots without memory), every sample "
+        "text-only, no condition channels. Real Wan T2V weights are used as released (the paper trains no T2V).",
+    )
     full: bool = Field(False, description="Train every transformer weight instead of a LoRA (tiny models).")
     init: Literal["pretrained", "random"] = Field(
         "pretrained", description="'random': re-initialise the transformers from their config (with full=True)."
@@ -131,4 +137,11 @@ class TrainConfig(BaseModel):
             raise ValueError(f"num_frames: must be 4n+1, got {self.num_frames}")
         if not self.lora_targets:
             raise ValueError("lora_targets: at least one module suffix is required")
+        if self.task == "t2v":
+            if not self.model.embedded:
+                raise ValueError("task: 't2v' trains the embedded model's text-to-video transformer; real Wan T2V weights are used as released")
+            if not self.full:
+                raise ValueError("task: 't2v' needs full=True (no loader takes a text-to-video LoRA)")
+            if self.motion_prob > 0:
+                raise ValueError(f"motion_prob: a text-to-video model takes no motion frames, got {self.motion_prob}")
         return self

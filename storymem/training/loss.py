@@ -1,5 +1,6 @@
 """The M2V flow-matching loss: memory latents and shot latents denoised together under the M2V mask and
-negative memory RoPE positions (m2v.memory_frames), velocity target on the shot frames."""
+negative memory RoPE positions (m2v.memory_frames), velocity target on the shot frames. A text-to-video
+transformer (TrainConfig.task 't2v') trains through the same loss with no memory and no condition."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ class M2VLoss(nn.Module):
             sigma = part["sigma"].view(-1, 1, 1, 1, 1)
             clean = part["clean"]  # (b, z, M + f, h, w): [memory latents | shot latents]
             noisy = (1.0 - sigma) * clean + sigma * part["noise"]
-            x = torch.cat([noisy, part["condition"]], dim=1).to(model.dtype)
+            x = noisy if part["condition"] is None else torch.cat([noisy, part["condition"]], dim=1)
+            x = x.to(model.dtype)
             m = part["num_memory"]
             with memory_frames(model, m):
                 pred = model(

@@ -86,7 +86,7 @@ class Trainer:
             components, profile = models.load_local(cfg.model, self.dtype)
         self.embedded = cfg.model.embedded
         if cfg.init == "random":
-            for k, name in enumerate(("transformer", "transformer_2")):
+            for k, name in enumerate(self._slots(cfg)):
                 if components.get(name) is not None:
                     components[name] = fresh_copy(components[name], cfg.seed + k)
         self.components = components
@@ -174,8 +174,18 @@ class Trainer:
 
     # -- setup --------------------------------------------------------------------------------
 
+    @staticmethod
+    def _slots(cfg: TrainConfig) -> tuple[str, str]:
+        """The pipeline components (high-noise, low-noise) this run trains."""
+        return ("t2v_transformer", "t2v_transformer_2") if cfg.task == "t2v" else ("transformer", "transformer_2")
+
     def _select_experts(self) -> dict[str, nn.Module]:
-        high, low = self.pipe.transformer, self.pipe.transformer_2
+        high, low = (getattr(self.pipe, name) for name in self._slots(self.cfg))
+        if high is None:
+            raise ValueError(
+                "task: 't2v' needs a model with a text-to-video transformer (an embedded bundle with one: "
+                "scripts/train_embedded.py --t2v-steps)"
+            )
         if low is None:
             if self.cfg.experts == "low":
                 raise ValueError("experts: 'low' needs a model with two experts (transformer_2)")
@@ -212,7 +222,7 @@ class Trainer:
         return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def sigma_range(self, expert: str) -> tuple[float, float]:
-        if len(self.experts) == 1 and self.pipe.transformer_2 is None:
+        if len(self.experts) == 1 and getattr(self.pipe, self._slots(self.cfg)[1]) is None:
             return 0.0, 1.0
         return (self.boundary, 1.0) if expert == "high" else (0.0, self.boundary)
 
@@ -238,7 +248,8 @@ class Trainer:
         rng = np.random.default_rng([cfg.seed, step])
         global_batch = cfg.batch_size * self.world_size
         clips = rng.choice(self.eligible, size=global_batch, replace=global_batch > len(self.eligible))
-        m = 0 if rng.random() < cfg.memory_dropout else int(rng.integers(cfg.min_memory, cfg.max_memory + 1))
+        text_only = cfg.task == "t2v" or rng.random() < cfg.memory_dropout
+        m = 0 if text_only else int(rng.integers(cfg.min_memory, cfg.max_memory + 1))
         plan = []
         for g in range(self.rank * cfg.batch_size, (self.rank + 1) * cfg.batch_size):
             srng = np.random.default_rng([cfg.seed, step, g, 1])
@@ -274,12 +285,15 @@ class Trainer:
             mode = ShotMode.MI2V if p["motion"] else ShotMode.M2V
             n_cand = mem[p["clip"]].shape[1]
             memory = torch.stack([mem[c][:, min(j, n_cand - 1)] for c, j in p["memory"]], dim=1) if m else None
-            u = motion[p["clip"]] if p["motion"] else self.data.zeros_condition()
-            mask = build_mask(
-                m, self.num_frames, h, w, mode, fix=self.cfg.fix,
-                temporal_scale=self.pipe.vae_scale_factor_temporal, memory_mask=self.cfg.memory_mask,
-            )  # fmt: skip
-            cond = build_condition(None if memory is None else memory[None], u[None], mask)
+            if self.cfg.task == "t2v":
+                cond = None  # a text-to-video transformer sees the noisy latents alone
+            else:
+                u = motion[p["clip"]] if p["motion"] else self.data.zeros_condition()
+                mask = build_mask(
+                    m, self.num_frames, h, w, mode, fix=self.cfg.fix,
+                    temporal_scale=self.pipe.vae_scale_factor_temporal, memory_mask=self.cfg.memory_mask,
+                )  # fmt: skip
+                cond = build_condition(None if memory is None else memory[None], u[None], mask)
             clean = shot[p["clip"]][None] if memory is None else torch.cat([memory[None], shot[p["clip"]][None]], dim=2)
             noise = offset_noise(clean.shape, self.cfg.noise_offset, torch.Generator().manual_seed(p["noise_seed"]))
             part = parts.setdefault(p["expert"], {"clean": [], "noise": [], "condition": [], "sigma": [], "text": []})
@@ -299,7 +313,7 @@ class Trainer:
             out[name] = dict(
                 clean=torch.cat(part["clean"]).to(dev),
                 noise=torch.cat(part["noise"]).to(dev),
-                condition=torch.cat(part["condition"]).to(dev),
+                condition=None if part["condition"][0] is None else torch.cat(part["condition"]).to(dev),
                 sigma=torch.tensor(part["sigma"], dtype=torch.float32, device=dev),
                 text=torch.cat(part["text"]).to(dev),
                 num_memory=m,
