@@ -6,15 +6,15 @@ memory bank with the trained embedded scorer), in both settings."""
 
 import pytest
 
-# Measured on this draw (8 stories x 4 shots) with the shipped (fourth) bundle, the bank cut of 7.5 and no
-# keyframe from a shot's frame 0 (2026-12-03): reference 0.125 with memory, 0.239 removed; generated 0.148
-# vs 0.156, the character in 92% of shots with memory (with frame 0 allowed: 0.182, 96%). Of issue 13's
-# targets, 90% of generated shots and 0.12 are met on both docs draws (docs/proof.md), 0.75 x removed on
-# draw 2026 only. 8 stories, not 5: the 90% bound then allows two shots without the character, not one
-# (5 stories gave 87% with frame 0 skipped, 93% without: one shot of 15).
-# The bounds hold what the bundle does, with room for float noise, so that a worse bundle fails (the
-# second bundle scored 0.179 with memory on the first 5 of these stories).
-REFERENCE_WITH, REFERENCE_REMOVED, REFERENCE_RATIO = 0.15, 0.22, 0.55
+# Measured on this draw (8 stories x 4 shots) with the shipped bundle (the fourth bundle's M2V experts and
+# its text-to-video transformer, which makes the shots without memory; 2026-12-03): reference 0.125 with
+# memory, 0.215 removed (0.239 when the M2V model made the memory-removed shots), shape 0.245 vs 0.290;
+# generated 0.127 vs 0.156, the character in 100% of shots with memory. Issue 13's targets hold on both
+# docs draws at full size (docs/proof.md: 16 stories x 6 shots); a draw of 24 shots is noisier, so the
+# bounds hold what the bundle does here, with room for float noise, so that a worse bundle fails (the
+# second bundle scored 0.179 with memory on the first 5 of these stories). 8 stories, not 5: the 90%
+# bound then allows two shots without the character, not one.
+REFERENCE_WITH, REFERENCE_REMOVED, REFERENCE_RATIO = 0.15, 0.20, 0.65
 GENERATED_SHOWN = 0.9
 
 from storymem import toyworld
@@ -66,3 +66,4 @@ def test_generated_first_appearance_keeps_a_character_in_memory_shots(trained):
     assert m["memory_frames"] >= 0.8  # a story whose shot 1 shows no character has an empty bank
     assert m["shots_with_character"] >= GENERATED_SHOWN, m
     assert m["colour_error"] < r["colour_error"], (m, r)
+    assert m["shape_error"] < r["shape_error"], (m, r)  # the text-to-video model's shapes vary; memory keeps shot 1's
