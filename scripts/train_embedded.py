@@ -326,8 +326,11 @@ def stage_t2v(args, manifest: Path, base: Path) -> dict:
         motion_prob=0.0,
     )  # fmt: skip
     summary = run_trainer(args, cfg)
-    components, _ = models.build_embedded(ModelConfig(embedded_weights=summary["outputs"]["embedded_weights"]))
-    write_bundle(components, args.out)
+    # The trainer's final bundle already holds base's parts and the trained T2V transformer.
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    shutil.copyfile(summary["outputs"]["embedded_weights"], tmp)
+    os.replace(tmp, args.out)
     return {
         "t2v_seconds": round(summary["seconds"], 1),
         "t2v_steps": summary["final_step"],
