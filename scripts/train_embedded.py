@@ -97,6 +97,7 @@ def parse_args(argv=None):
     p.add_argument("--timestep-shift", type=float, default=1.0, help="TrainConfig.timestep_shift: 1 draws sigma uniformly (the shipped recipe), > 1 favours high noise")
     p.add_argument("--threads", type=int, default=1, help="1 when other jobs share a 2-core machine; 2 on an idle one (0.39-0.46 s a step against 0.50)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--compile", action="store_true", help="TrainConfig.compile: torch.compile the training step (on 2 CPU cores an M2V step 0.38 s against 0.43 s, a T2V step 0.32 against 0.33)")
     p.add_argument(
         "--time-budget", type=float, default=None,
         help="seconds for the transformer stage: timed over steps 10..30, --steps becomes what fits (the cosine follows)",
@@ -279,6 +280,7 @@ def train_config(args, manifest: Path, bundle: Path, output_dir: Path, **task) -
         save_every=500,
         log_every=50,
         num_threads=args.threads,
+        compile=args.compile,
     )
     return TrainConfig(**{**fields, **task})
 

@@ -119,6 +119,13 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     grad_clip: float | None = Field(1.0, gt=0.0, description="Clip the global gradient norm; None: no clipping.")
     gradient_checkpointing: bool = Field(False, description="Recompute transformer blocks in backward (large models).")
+    compile: bool = Field(
+        False,
+        description="torch.compile the training step's forward (experts and loss) with inductor. On the tiny "
+        "embedded model on 2 CPU cores an M2V step costs 0.38 s against 0.43 s eager, a text-to-video one 0.32 "
+        "against 0.33; the first step of each memory length pays for compiling (15-60 s there). Evaluation "
+        "stays eager.",
+    )
     seed: int = Field(0, ge=0, description="Every random choice derives from (seed, step, sample index).")
     cache_latents: bool = Field(True, description="Keep VAE latents and text embeddings of seen clips in memory.")
     save_every: int = Field(500, ge=1, description="Checkpoint every this many steps (and at the end).")

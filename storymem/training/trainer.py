@@ -137,6 +137,9 @@ class Trainer:
                 device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=len(self.experts) > 1,
             )
+        if cfg.compile:
+            # Wraps the step's module only: checkpoints and outputs read self.loss_module, unchanged.
+            self.model = torch.compile(self.model)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
