@@ -78,6 +78,10 @@ def parse_args(argv=None):
     )
     p.add_argument("--t2v-steps", type=int, default=3000, help="optimizer steps of the t2v stage (from scratch)")
     p.add_argument("--t2v-lr", type=float, default=4e-3, help="peak learning rate of the t2v stage")
+    p.add_argument(
+        "--t2v-continue", action="store_true",
+        help="the t2v stage continues the text-to-video transformer of --init-from instead of a fresh one",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stories", type=int, default=400, help="training stories")
     p.add_argument("--shots", type=int, default=5, help="shots (clips) per training story")
@@ -317,14 +321,15 @@ def write_bundle(components: dict, out: Path) -> None:
 
 
 def stage_t2v(args, manifest: Path, base: Path) -> dict:
-    """Train a fresh text-to-video transformer on the same clips (text-only samples, no condition
-    channels) next to `base`'s M2V experts, and write both to --out."""
+    """Train a fresh text-to-video transformer (or, with --t2v-continue, `base`'s own) on the same clips
+    (text-only samples, no condition channels) next to `base`'s M2V experts, and write both to --out."""
     components, _ = models.build_embedded(ModelConfig(embedded_weights=base), tiny=replace(TinyWanConfig(), t2v=True))
-    components["t2v_transformer"] = fresh_copy(components["t2v_transformer"], args.seed + 2)
+    if not args.t2v_continue:
+        components["t2v_transformer"] = fresh_copy(components["t2v_transformer"], args.seed + 2)
     stage = args.workdir / "stage_t2v.safetensors"
     models.save_bundle(components, stage)
     cfg = train_config(
-        args, manifest, stage, args.workdir / "t2v", task="t2v", steps=args.t2v_steps, lr=args.t2v_lr, warmup_steps=200,
+        args, manifest, stage, args.workdir / "t2v", task="t2v", steps=args.t2v_steps, lr=args.t2v_lr,
         motion_prob=0.0,
     )  # fmt: skip
     summary = run_trainer(args, cfg)
@@ -354,6 +359,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--stages: unknown {sorted(stages - STAGES)}; expected some of {', '.join(sorted(STAGES))}")
     if "t2v" in stages and "transformer" not in stages and args.init_from is None:
         raise SystemExit("--stages: t2v alone needs --init-from (the bundle whose M2V experts it joins)")
+    if args.t2v_continue and ("transformer" in stages or args.init_from is None or not models.bundle_has_part(args.init_from, "t2v_transformer")):
+        raise SystemExit("--t2v-continue: needs --init-from a bundle with a text-to-video transformer, and no transformer stage")
 
     manifest = stage_data(args, size)
     clips = load_clips(manifest)

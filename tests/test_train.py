@@ -515,3 +515,17 @@ def test_the_embedded_recipe_continues_a_bundle_and_adds_a_text_to_video_transfo
     assert not torch.equal(trained[key], shipped[key])  # the M2V stage trained
     torch.testing.assert_close(trained["transformer_2.proj_out.weight"], trained[key])  # one transformer, both slots
     assert trained["t2v_transformer.patch_embedding.weight"].shape[1] == 16
+
+    # --t2v-continue trains that bundle's text-to-video transformer on (at a tiny learning rate it stays
+    # next to it), instead of a fresh one; a bundle without one is refused before any work.
+    again = tmp_path / "y.safetensors"
+    cont = [sys.executable, str(repo / "scripts" / "train_embedded.py"), "--workdir", str(tmp_path / "w2"),
+            "--init-from", str(out), "--out", str(again), "--stages", "t2v", "--t2v-continue", "--stories", "4",
+            "--shots", "3", "--t2v-steps", "2", "--t2v-lr", "1e-6", "--warmup-steps", "0", "--batch-size", "4"]  # fmt: skip
+    subprocess.run(cont, check=True, capture_output=True, timeout=300)
+    t2v_key = "t2v_transformer.proj_out.weight"
+    continued = load_file(str(again))
+    torch.testing.assert_close(continued[t2v_key], trained[t2v_key], rtol=0, atol=1e-5)
+    assert not torch.equal(continued[t2v_key], trained[t2v_key])  # it did train
+    refused = subprocess.run(cont[:5] + [str(base)] + cont[6:], capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "--t2v-continue" in refused.stderr
