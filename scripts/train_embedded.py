@@ -67,7 +67,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--layers", type=int, default=None, help="transformer blocks (default: TinyWanConfig's; with --init-from, grows the bundle's)")
     p.add_argument("--ffn-dim", type=int, default=None, help="feed-forward units per block (same rules as --layers)")
-    p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--warmup-steps", type=int, default=200, help="linear warm-up steps of each transformer stage (M2V and t2v)")
     p.add_argument("--scorer-out", type=Path, default=EMBEDDED_SCORER)
     p.add_argument("--scorer-clips", type=int, default=400, help="training clips the scorer sees (13 frames each)")
     p.add_argument("--scorer-steps", type=int, default=600)
