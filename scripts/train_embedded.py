@@ -323,11 +323,13 @@ def write_bundle(components: dict, out: Path) -> None:
 def stage_t2v(args, manifest: Path, base: Path) -> dict:
     """Train a fresh text-to-video transformer (or, with --t2v-continue, `base`'s own) on the same clips
     (text-only samples, no condition channels) next to `base`'s M2V experts, and write both to --out."""
-    components, _ = models.build_embedded(ModelConfig(embedded_weights=base), tiny=replace(TinyWanConfig(), t2v=True))
-    if not args.t2v_continue:
+    if args.t2v_continue:
+        stage = base  # it already holds the T2V transformer to continue (checked in main)
+    else:
+        components, _ = models.build_embedded(ModelConfig(embedded_weights=base), tiny=replace(TinyWanConfig(), t2v=True))
         components["t2v_transformer"] = fresh_copy(components["t2v_transformer"], args.seed + 2)
-    stage = args.workdir / "stage_t2v.safetensors"
-    models.save_bundle(components, stage)
+        stage = args.workdir / "stage_t2v.safetensors"
+        models.save_bundle(components, stage)
     cfg = train_config(
         args, manifest, stage, args.workdir / "t2v", task="t2v", steps=args.t2v_steps, lr=args.t2v_lr,
         motion_prob=0.0,

@@ -527,5 +527,7 @@ def test_the_embedded_recipe_continues_a_bundle_and_adds_a_text_to_video_transfo
     continued = load_file(str(again))
     torch.testing.assert_close(continued[t2v_key], trained[t2v_key], rtol=0, atol=1e-5)
     assert not torch.equal(continued[t2v_key], trained[t2v_key])  # it did train
-    refused = subprocess.run(cont[:5] + [str(base)] + cont[6:], capture_output=True, text=True, timeout=120)
+    assert torch.equal(continued[key], trained[key])  # next to the bundle's M2V experts, untouched
+    from_m2v_only = [str(base) if arg == str(out) else arg for arg in cont]
+    refused = subprocess.run(from_m2v_only, capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "--t2v-continue" in refused.stderr
