@@ -26,7 +26,7 @@ from storymem.service.book import JobBook
 from storymem.service.contract import Conflict, InvalidRequest, NotFound, QueueFull, StoryState
 from storymem.service.facade import Principal, StoryService, parse_count, parse_id
 from storymem.service.intake import normalise
-from storymem.storage import LocalStore, StoryLayout
+from storymem.storage import LocalStore, StorageUnavailable, StoryLayout
 from storymem.story import Manifest, ShotRecord, read_manifest
 
 ADMIN_TOKEN = "admin-" + "a" * 24
@@ -371,6 +371,78 @@ def test_restart_brings_queued_back_queued_and_resumes_running(tmp_path):
         assert events[0]["phase"] == "queued" and "restarted" in events[0]["message"]
         with pytest.raises(NotFound):
             await service2.status("20990101T000000000-deadbeef")
+
+    asyncio.run(scenario())
+
+
+class OutageStore(LocalStore):
+    """A folder store that can be taken offline: every call then fails as S3 does after its retries."""
+
+    down = False
+
+    def _check(self):
+        if self.down:
+            raise StorageUnavailable("S3 at test failed after 3 attempts; last error: Connection refused")
+
+    def get_bytes(self, key):
+        self._check()
+        return super().get_bytes(key)
+
+    def put_bytes(self, key, data, content_type="application/octet-stream"):
+        self._check()
+        return super().put_bytes(key, data, content_type)
+
+
+class StorageFailingDriver(FakeDriver):
+    """Starts the story as a director does, then loses storage: the failure it reports cannot be
+    written, so the manifest still says running (what StoryRunner leaves after StorageUnavailable)."""
+
+    async def run(self, job) -> dict:
+        layout = StoryLayout(job.story_id)
+        attempt = self.book.new_attempt(job.story_id)
+        manifest = await asyncio.to_thread(read_manifest, self.store, layout)
+        manifest.state, manifest.attempt = StoryState.RUNNING, f"{attempt}-fence"
+        self._save(layout, manifest)
+        self.store.down = True
+        return {"state": "failed", "error": "StorageUnavailable: S3 put failed after 3 attempts"}
+
+
+def test_a_failure_storage_could_not_take_is_recorded_once_it_answers(tmp_path):
+    """The story is reported failed at once; its manifest says failed as soon as storage answers
+    again, so a restarted engine does not run it by itself. A later run's manifest is left alone."""
+
+    async def scenario():
+        store = OutageStore(tmp_path / "bucket")
+        service, book, _, _ = _service(tmp_path, store=store, driver=StorageFailingDriver(store))
+        layout = StoryLayout((await service.submit(STORY))["id"])
+        for _ in range(200):
+            if (await book.status(layout.story_id))["state"] == "failed":
+                break
+            await asyncio.sleep(0.01)
+        assert (await book.status(layout.story_id))["state"] == "failed"
+        await asyncio.sleep(0.2)
+        store.down = False
+        assert read_manifest(store, layout).state == StoryState.RUNNING  # not recorded while storage was down
+        for _ in range(300):
+            if read_manifest(store, layout).state == StoryState.FAILED:
+                break
+            await asyncio.sleep(0.02)
+        manifest = read_manifest(store, layout)
+        assert manifest.state == StoryState.FAILED and "StorageUnavailable" in manifest.error
+        assert not [t for t in book._tasks if not t.done()]  # the recorder stopped once it wrote
+
+        # A rebuilt book (the engine restarted) keeps it failed instead of running it again.
+        _, book2, driver2, _ = _service(tmp_path, store=store)
+        book2.start()
+        await asyncio.wait_for(book2.rebuilt.wait(), 5)
+        await asyncio.sleep(0.05)
+        assert (await book2.status(layout.story_id))["state"] == "failed" and driver2.ran == []
+
+        # Only what the failed run left is the book's to overwrite: not a later director's manifest.
+        manifest.state, manifest.error, manifest.attempt = StoryState.RUNNING, None, "2-later"
+        store.put_bytes(layout.manifest, manifest.model_dump_json().encode())
+        book._write_failure(layout.story_id, 1, "late")
+        assert read_manifest(store, layout).state == StoryState.RUNNING
 
     asyncio.run(scenario())
 

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 MAX_EVENTS_WAIT_S = 60.0
 CANCEL_WAIT_S = 10.0
 REBUILD_RETRY_S = 5.0
+MAX_RECORD_RETRY_S = 30.0
 DEFAULT_SHOT_S = 30.0  # retry-after estimate before any shot has been timed
 RESTARTED = "the engine restarted while the story ran; it continues from its last committed shot"
 
@@ -86,6 +87,12 @@ class Job:
         self.status.updated = time.time()
         self.tick.set()
         self.tick = asyncio.Event()
+
+
+def _attempt_number(attempt: str | None) -> int:
+    """The director number in a manifest's fence id (`<number>-<hex>`); 0 when there is none."""
+    head = (attempt or "").split("-", 1)[0]
+    return int(head) if head.isdigit() else 0
 
 
 def _tenant_key(tenant: str | None) -> str:
@@ -326,6 +333,39 @@ class JobBook:
         job.cancel_requested = False
         self._event(job, Phase(state.value), message=s.error)
         job.settled.set()
+        if state == StoryState.FAILED:
+            self._background(self._record_failure(job, s.run, s.attempts))
+
+    async def _record_failure(self, job: Job, run: int, attempt: int) -> None:
+        """Make a failure durable where its director could not: storage that failed every retry
+        (the director does not wait another round to report it) or a director that kept dying.
+        Without this, the manifest still says running and the next engine start would run a story
+        that everyone was told had failed. Retried until storage answers, for as long as the story
+        stays failed in this run."""
+        delay = REBUILD_RETRY_S / 5
+        while job.status.state == StoryState.FAILED and job.status.run == run:
+            try:
+                await asyncio.to_thread(self._write_failure, job.status.id, attempt, job.status.error)
+                return
+            except Exception as e:  # storage still down: the state stays in memory meanwhile
+                log.warning("story %s: cannot record its failure yet (%s); retrying in %.0f s", job.status.id, e, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, MAX_RECORD_RETRY_S)
+
+    def _write_failure(self, story_id: str, attempt: int, error: str | None) -> None:
+        layout = StoryLayout(story_id)
+        for _ in range(5):
+            manifest, etag = read_manifest_versioned(self.store, layout)
+            # Only over what the failed run left: a later run (a resume; directors numbered above
+            # `attempt`) or a state the director recorded itself is not the book's to overwrite.
+            if manifest is None or manifest.state != StoryState.RUNNING or _attempt_number(manifest.attempt) > attempt:
+                return
+            manifest.state, manifest.error, manifest.updated = StoryState.FAILED, error, time.time()
+            try:
+                write_manifest(self.store, layout, manifest, etag)
+                return
+            except PreconditionFailed:
+                continue  # someone wrote meanwhile: look again
 
     async def _write_state(self, story_id: str, state: StoryState, error: str | None) -> None:
         """Record a transition made while no director runs (cancel of a queued story, resume)."""
