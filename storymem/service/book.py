@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 MAX_EVENTS_WAIT_S = 60.0
 CANCEL_WAIT_S = 10.0
 REBUILD_RETRY_S = 5.0
-MAX_RECORD_RETRY_S = 30.0
+RECORD_RETRY_S = (1.0, 30.0)  # first and longest pause between tries to record a failure
 DEFAULT_SHOT_S = 30.0  # retry-after estimate before any shot has been timed
 RESTARTED = "the engine restarted while the story ran; it continues from its last committed shot"
 
@@ -342,7 +342,7 @@ class JobBook:
         Without this, the manifest still says running and the next engine start would run a story
         that everyone was told had failed. Retried until storage answers, for as long as the story
         stays failed in this run."""
-        delay = REBUILD_RETRY_S / 5
+        delay, longest = RECORD_RETRY_S
         while job.status.state == StoryState.FAILED and job.status.run == run:
             try:
                 await asyncio.to_thread(self._write_failure, job.status.id, attempt, job.status.error)
@@ -350,7 +350,7 @@ class JobBook:
             except Exception as e:  # storage still down: the state stays in memory meanwhile
                 log.warning("story %s: cannot record its failure yet (%s); retrying in %.0f s", job.status.id, e, delay)
                 await asyncio.sleep(delay)
-                delay = min(2 * delay, MAX_RECORD_RETRY_S)
+                delay = min(2 * delay, longest)
 
     def _write_failure(self, story_id: str, attempt: int, error: str | None) -> None:
         layout = StoryLayout(story_id)
